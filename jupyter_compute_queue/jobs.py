@@ -1,0 +1,479 @@
+"""Job definitions: the model, validation, the canonical form, the job id and the command argv.
+
+A job is its definition; its id is the SHA-256 of the canonical form (SPEC §2). This module is
+the only place that computes ids: clients import it, the host ignores ids that clients send.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .units import parse_duration, parse_size
+
+#: The canonical form's own version, written as ``"v"`` into every canonical form.
+CANONICAL_VERSION = 1
+
+#: Values equal to these are removed from the canonical form, so spelling a default out gives
+#: the same id. Changing this table changes ids: do it only deliberately.
+DEFAULTS: dict[tuple[str, ...], object] = {
+    ("shmSize",): 64 * 1024 * 1024,  # Docker's own default /dev/shm size
+    ("requirements", "gpus"): 0,
+    ("build", "filename"): "Dockerfile",
+}
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_ENV_NAME_RE = re.compile(r"^[^=\x00]+$")
+
+
+class InvalidJob(ValueError):
+    """A definition that cannot be accepted; ``field`` names the offending field (wire spelling)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class DataRefType(str, Enum):
+    """How a DataRef carries its bytes."""
+
+    UTF8 = "utf8"  # value is text, written as UTF-8
+    BASE64 = "base64"  # value is base64 of the bytes
+    JSON = "json"  # value is any JSON value, written as canonical JSON
+    KEY = "key"  # value is the sha256 of a blob stored on the host
+    URL = "url"  # value is an http(s) URL the worker fetches
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no spaces, UTF-8 without escapes, integral numbers as integers."""
+    return json.dumps(
+        _integral(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+class _Wire(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class DataRef(_Wire):
+    """Bytes given inline, by blob key or by URL."""
+
+    type: DataRefType
+    value: Any
+    hash: str | None = None  # the seed sends it; accepted and ignored
+
+    @model_validator(mode="after")
+    def _check_value(self) -> DataRef:
+        kind, value = self.type, self.value
+        if kind is not DataRefType.JSON and not isinstance(value, str):
+            raise ValueError(f"a {kind.value} ref needs a string value")
+        if kind is DataRefType.BASE64:
+            _b64decode(value)
+        elif kind is DataRefType.KEY:
+            if not _KEY_RE.match(value.lower()):
+                raise ValueError("a key ref needs the 64 hex digits of a blob's sha256")
+            self.value = value.lower()
+        elif kind is DataRefType.URL and not re.match(r"^https?://[^\s]+$", value, re.IGNORECASE):
+            raise ValueError("a url ref needs an http:// or https:// URL")
+        elif kind is DataRefType.JSON:
+            canonical_json(value)  # refuses NaN and infinities
+        return self
+
+    def inline_bytes(self) -> bytes | None:
+        """The bytes of an inline ref (utf8, base64, json); None for key and url refs."""
+        if self.type is DataRefType.UTF8:
+            return str(self.value).encode()
+        if self.type is DataRefType.BASE64:
+            return _b64decode(self.value)
+        if self.type is DataRefType.JSON:
+            return canonical_json(self.value)
+        return None
+
+    def sha256(self) -> str | None:
+        """Hex sha256 of the ref's bytes, known without fetching; None for url refs."""
+        if self.type is DataRefType.KEY:
+            return str(self.value).lower()
+        data = self.inline_bytes()
+        return None if data is None else hashlib.sha256(data).hexdigest()
+
+    def canonical(self) -> dict[str, str]:
+        """The ref in the canonical form: the same bytes give the same value however sent."""
+        digest = self.sha256()
+        return {"sha256": digest} if digest is not None else {"url": str(self.value)}
+
+
+def _b64decode(value: str) -> bytes:
+    text = value.strip()
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError("a base64 ref needs valid base64 text") from None
+
+
+def _size(value: object) -> int | None:
+    if value is None:
+        return None
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return size
+
+
+def _duration(value: object) -> int | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0 seconds")
+    return seconds
+
+
+Size = Annotated[int | None, BeforeValidator(_size)]
+Duration = Annotated[int | None, BeforeValidator(_duration)]
+Command = str | list[str] | None
+
+
+def _build_args(value: object) -> object:
+    """The seed sends build args as a list of ``K=V`` strings; ours is a map."""
+    if isinstance(value, list):
+        args: dict[str, str] = {}
+        for item in value:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"{item!r} is not of the form NAME=value")
+            name, _, val = item.partition("=")
+            args[name] = val
+        return args
+    return value
+
+
+class BuildSpec(_Wire):
+    """How to build the job's image instead of pulling one."""
+
+    dockerfile: str | None = None
+    context: str | None = None
+    build_context: str | None = None
+    filename: str | None = None
+    target: str | None = None
+    build_args: Annotated[dict[str, str], BeforeValidator(_build_args)] = Field(
+        default_factory=dict
+    )
+    platform: str | None = None
+
+    @field_validator("build_context")
+    @classmethod
+    def _sub_folder(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        cleaned = value.strip().strip("/")
+        while cleaned.startswith("./"):
+            cleaned = cleaned[2:]
+        if cleaned in ("", "."):
+            return None
+        check_path(cleaned)
+        return cleaned
+
+    @field_validator("context")
+    @classmethod
+    def _context_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(https?|git)://\S+$", value, re.IGNORECASE):
+            raise ValueError("the context must be an http(s) or git URL")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_build(self) -> BuildSpec:
+        if not self.dockerfile and not self.context:
+            raise ValueError("a build needs a dockerfile, a context, or both")
+        return self
+
+
+class Requirements(_Wire):
+    """What the job needs from a worker."""
+
+    cpus: float | None = Field(default=None, gt=0)
+    memory: Size = None
+    gpus: int | None = Field(default=None, ge=0)
+    max_duration: Duration = None  # the seed's spelling; moved to the top level
+
+
+def check_path(path: str, *, absolute_ok: bool = False) -> str:
+    """A file path inside the job: no empty, ``.`` or ``..`` segments, no NUL or backslash."""
+    if not path:
+        raise ValueError("a path cannot be empty")
+    if "\x00" in path or "\\" in path:
+        raise ValueError(f"{path!r} contains a NUL or a backslash")
+    body = path
+    if path.startswith("/"):
+        if not absolute_ok:
+            raise ValueError(f"{path!r} must be relative (it goes under /inputs)")
+        body = path[1:]
+    for segment in body.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"{path!r} has an empty, '.' or '..' segment")
+    return path
+
+
+class JobDefinition(_Wire):
+    """A job: everything needed to run it (SPEC §2), normalised as it is stored.
+
+    Sizes are bytes and durations seconds; ``requirements.maxDuration`` and list ``buildArgs``
+    (the seed's spellings) are moved to ours when parsed.
+    """
+
+    image: str | None = None
+    build: BuildSpec | None = None
+    command: Command = None
+    entrypoint: Command = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    shm_size: Size = None
+    inputs: dict[str, DataRef] = Field(default_factory=dict)
+    config_files: dict[str, DataRef] = Field(default_factory=dict)
+    requirements: Requirements | None = None
+    max_duration: Duration = None
+    tags: list[str] = Field(default_factory=list)
+    v: int | None = None  # the seed's version counter; accepted and ignored
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError("an image reference cannot be empty or contain spaces")
+        return value
+
+    @field_validator("command", "entrypoint")
+    @classmethod
+    def _command(cls, value: Command) -> Command:
+        if value == "" or value == []:
+            return None
+        command_argv(value)  # refuses unbalanced quotes now rather than on the worker
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid variable name")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: dict[str, DataRef]) -> dict[str, DataRef]:
+        return _check_paths("inputs", value, absolute_ok=False)
+
+    @field_validator("config_files")
+    @classmethod
+    def _config_files(cls, value: dict[str, DataRef]) -> dict[str, DataRef]:
+        return _check_paths("configFiles", value, absolute_ok=True)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        if any(not tag.strip() for tag in value):
+            raise ValueError("tags cannot be empty")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _normalise(self) -> JobDefinition:
+        if (self.image is None) == (self.build is None):
+            raise InvalidJob("image", "give exactly one of 'image' and 'build'")
+        _check_input_tree(self)
+        req = self.requirements
+        if req is not None and req.max_duration is not None:
+            # The seed's spelling: the smaller limit wins when both are given.
+            limits = [d for d in (self.max_duration, req.max_duration) if d is not None]
+            self.max_duration = min(limits)
+            req.max_duration = None
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The stored and served form: camelCase, normalised, nothing empty, no seed ``v``."""
+        form = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"v"})
+        return _prune(form)  # type: ignore[no-any-return]
+
+    def data_refs(self) -> Iterator[tuple[str, str, DataRef]]:
+        """Every DataRef as (field, path, ref), field being ``inputs`` or ``configFiles``."""
+        for path, ref in self.inputs.items():
+            yield "inputs", path, ref
+        for path, ref in self.config_files.items():
+            yield "configFiles", path, ref
+
+    def blob_keys(self) -> set[str]:
+        """The blob keys this definition refers to (``key`` refs)."""
+        return {
+            str(ref.value).lower() for _, _, ref in self.data_refs() if ref.type is DataRefType.KEY
+        }
+
+    @property
+    def cpus(self) -> float | None:
+        return self.requirements.cpus if self.requirements else None
+
+    @property
+    def memory(self) -> int | None:
+        return self.requirements.memory if self.requirements else None
+
+    @property
+    def gpus(self) -> int:
+        return (self.requirements.gpus or 0) if self.requirements else 0
+
+
+def _check_paths(field: str, refs: dict[str, DataRef], *, absolute_ok: bool) -> dict[str, DataRef]:
+    for path in refs:
+        try:
+            check_path(path, absolute_ok=absolute_ok)
+        except ValueError as exc:
+            raise InvalidJob(f"{field}.{path}", str(exc)) from None
+    return refs
+
+
+def _check_input_tree(defn: JobDefinition) -> None:
+    """Inputs and relative config files share /inputs: no path may be both a file and a folder."""
+    files: dict[str, str] = {}
+    for field, path, _ in defn.data_refs():
+        if path.startswith("/"):
+            continue
+        if path in files:
+            raise InvalidJob(f"{field}.{path}", f"{path!r} is also given in {files[path]}")
+        files[path] = field
+    for path, field in files.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in files:
+                raise InvalidJob(
+                    f"{field}.{path}", f"{folder!r} is a file, so it cannot also be a folder"
+                )
+
+
+def _prune(value: Any) -> Any:
+    """Drop nulls and empty maps and lists, recursively (but never inside a json DataRef)."""
+    if isinstance(value, dict):
+        if value.get("type") == "json" and "value" in value:
+            return {k: v for k, v in value.items() if v is not None}
+        pruned = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v is not None and v != {} and v != []}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
+
+
+def parse_definition(obj: Any) -> JobDefinition:
+    """Validate a definition (ours or the seed's) and normalise it.
+
+    Raises :class:`InvalidJob` whose message starts with the bad field, e.g.
+    ``requirements.memory: '4 potatoes' is not a size``.
+    """
+    if isinstance(obj, JobDefinition):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise InvalidJob("definition", "a job definition must be a JSON object")
+    try:
+        return JobDefinition.model_validate(dict(obj))
+    except InvalidJob:
+        raise
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidJob:
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidJob):
+        return cause
+    return InvalidJob(field, message)
+
+
+def canonical_form(defn: JobDefinition | Mapping[str, Any]) -> dict[str, Any]:
+    """The form whose hash is the job id (SPEC §2)."""
+    parsed = parse_definition(defn)
+    form = parsed.wire()
+    for path, default in DEFAULTS.items():
+        *parents, leaf = path
+        node: Any = form
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf) == default:
+            del node[leaf]
+    for field in ("inputs", "configFiles"):
+        refs = getattr(parsed, "inputs" if field == "inputs" else "config_files")
+        if refs:
+            form[field] = {path: ref.canonical() for path, ref in refs.items()}
+    form = _prune(_integral(form))
+    form["v"] = CANONICAL_VERSION
+    return form  # type: ignore[no-any-return]
+
+
+def job_id(defn: JobDefinition | Mapping[str, Any]) -> str:
+    """Lowercase hex SHA-256 of the canonical form."""
+    return hashlib.sha256(canonical_json(canonical_form(defn))).hexdigest()
+
+
+_SHELL_CHARS = frozenset("$`|&;<>()*?[]~\n")
+
+
+def needs_shell(command: str) -> bool:
+    """True when the string has shell syntax outside single quotes (SPEC §2)."""
+    quoted = False
+    for char in command:
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char in _SHELL_CHARS:
+            return True
+    return False
+
+
+def command_argv(command: Command) -> list[str] | None:
+    """The argv a command runs as: lists as given, shell syntax via ``/bin/sh -c``, else shlex.
+
+    ``None`` means the image's own default. Raises ``ValueError`` for unbalanced quotes.
+    """
+    if command is None:
+        return None
+    if isinstance(command, list):
+        return list(command)
+    if needs_shell(command):
+        return ["/bin/sh", "-c", command]
+    try:
+        return shlex.split(command)
+    except ValueError as exc:
+        raise ValueError(f"cannot split {command!r} into words: {exc}") from None
