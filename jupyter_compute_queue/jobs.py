@@ -66,7 +66,7 @@ class DataRefType(str, Enum):
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8 without escapes, integral numbers as integers."""
     return json.dumps(
-        _integral(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        _integral(value), sort_keys=True, separators=(", ", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
 
 
@@ -101,10 +101,10 @@ class DataRef(_Wire):
         if kind is DataRefType.BASE64:
             _b64decode(value)
         elif kind is DataRefType.KEY:
-            if not _KEY_RE.match(value.lower()):
+            if not _KEY_RE.fullmatch(value.lower()):
                 raise ValueError("a key ref needs the 64 hex digits of a blob's sha256")
             self.value = value.lower()
-        elif kind is DataRefType.URL and not re.match(r"^https?://[^\s]+$", value, re.IGNORECASE):
+        elif kind is DataRefType.URL and not re.fullmatch(r"https?://\S+", value, re.IGNORECASE):
             raise ValueError("a url ref needs an http:// or https:// URL")
         elif kind is DataRefType.JSON:
             canonical_json(value)  # refuses NaN and infinities
@@ -134,12 +134,13 @@ class DataRef(_Wire):
 
 
 def _b64decode(value: str) -> bytes:
-    text = value.strip()
+    text = "".join(value.split())  # line breaks and spaces are not part of the data
+    padded = text + "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
         try:
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            return base64.b64decode(padded, altchars=b"-_", validate=True)  # url-safe alphabet
         except (binascii.Error, ValueError):
             raise ValueError("a base64 ref needs valid base64 text") from None
 
@@ -209,7 +210,7 @@ class BuildSpec(_Wire):
     @field_validator("context")
     @classmethod
     def _context_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(https?|git)://\S+$", value, re.IGNORECASE):
+        if value is not None and not re.fullmatch(r"(https?|git)://\S+", value, re.IGNORECASE):
             raise ValueError("the context must be an http(s) or git URL")
         return value
 
@@ -223,7 +224,7 @@ class BuildSpec(_Wire):
 class Requirements(_Wire):
     """What the job needs from a worker."""
 
-    cpus: float | None = Field(default=None, gt=0)
+    cpus: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     memory: Size = None
     gpus: int | None = Field(default=None, ge=0)
     max_duration: Duration = None  # the seed's spelling; moved to the top level
@@ -277,7 +278,7 @@ class JobDefinition(_Wire):
     @field_validator("command", "entrypoint")
     @classmethod
     def _command(cls, value: Command) -> Command:
-        if value == "" or value == []:
+        if value == [] or (isinstance(value, str) and not value.strip()):
             return None
         command_argv(value)  # refuses unbalanced quotes now rather than on the worker
         return value
@@ -322,7 +323,8 @@ class JobDefinition(_Wire):
 
     def wire(self) -> dict[str, Any]:
         """The stored and served form: camelCase, normalised, nothing empty, no seed ``v``."""
-        form = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"v"})
+        # No exclude_none: _prune drops the nulls, but keeps a json ref's null value.
+        form = self.model_dump(mode="json", by_alias=True, exclude={"v"})
         return _prune(form)  # type: ignore[no-any-return]
 
     def data_refs(self) -> Iterator[tuple[str, str, DataRef]]:
@@ -383,7 +385,7 @@ def _prune(value: Any) -> Any:
     """Drop nulls and empty maps and lists, recursively (but never inside a json DataRef)."""
     if isinstance(value, dict):
         if value.get("type") == "json" and "value" in value:
-            return {k: v for k, v in value.items() if v is not None}
+            return {k: v for k, v in value.items() if v is not None or k == "value"}
         pruned = {k: _prune(v) for k, v in value.items()}
         return {k: v for k, v in pruned.items() if v is not None and v != {} and v != []}
     if isinstance(value, list):
@@ -411,7 +413,10 @@ def parse_definition(obj: Any) -> JobDefinition:
 
 def _invalid(exc: ValidationError) -> InvalidJob:
     error = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in error["loc"])
+    loc = list(error["loc"])
+    if len(loc) > 1 and loc[0] in ("command", "entrypoint"):
+        del loc[1]  # pydantic's name of the union member ('str', 'list[str]'), not a field
+    field = ".".join(str(part) for part in loc)
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown field"
@@ -453,11 +458,21 @@ _SHELL_CHARS = frozenset("$`|&;<>()*?[]~\n")
 
 def needs_shell(command: str) -> bool:
     """True when the string has shell syntax outside single quotes (SPEC §2)."""
-    quoted = False
+    single = double = escaped = False
     for char in command:
-        if char == "'":
-            quoted = not quoted
-        elif not quoted and char in _SHELL_CHARS:
+        if single:
+            single = char != "'"
+        elif escaped:
+            escaped = False
+            if char in _SHELL_CHARS:
+                return True
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            double = not double
+        elif char == "'" and not double:
+            single = True
+        elif char in _SHELL_CHARS:
             return True
     return False
 

@@ -19,6 +19,17 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 
 
+#: Docker (and SQLite) keep sizes and durations as signed 64-bit integers.
+_MAX = 2**63 - 1
+
+
+def _whole(number: float, value: object, what: str) -> int:
+    """``number`` rounded up; too large (even infinite) is a ValueError, not an OverflowError."""
+    if not number <= _MAX:  # also refuses inf and NaN; an exact comparison for huge ints
+        raise ValueError(f"{value!r} is too large for a {what}")
+    return math.ceil(number)
+
+
 def parse_size(value: object) -> int:
     """Bytes of a size such as ``512m``, ``4g``, ``1.5GiB`` or ``1048576``.
 
@@ -26,15 +37,19 @@ def parse_size(value: object) -> int:
     """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a size")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
+    if isinstance(value, int):
+        if value < 0:
             raise ValueError(f"{value!r} is not a size")
-        return math.ceil(value)
+        return _whole(value, value, "size")
+    if isinstance(value, float):
+        if value < 0 or math.isnan(value):
+            raise ValueError(f"{value!r} is not a size")
+        return _whole(value, value, "size")
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
             number, unit = match.groups()
-            return math.ceil(float(number) * _SIZE_UNITS[unit.lower()])
+            return _whole(float(number) * _SIZE_UNITS[unit.lower()], value, "size")
     raise ValueError(f"{value!r} is not a size: use bytes or Docker's units, like '512m' or '4g'")
 
 
@@ -45,18 +60,22 @@ def parse_duration(value: object) -> int:
     """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
+    if isinstance(value, int):
+        if value < 0:
             raise ValueError(f"{value!r} is not a duration")
-        return math.ceil(value)
+        return _whole(value, value, "duration")
+    if isinstance(value, float):
+        if value < 0 or math.isnan(value):
+            raise ValueError(f"{value!r} is not a duration")
+        return _whole(value, value, "duration")
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         if _NUMBER_RE.match(text):
-            return math.ceil(float(text))
+            return _whole(float(text), value, "duration")
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             seconds = sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
-            return math.ceil(round(seconds, 6))
+            return _whole(round(seconds, 6), value, "duration")
     raise ValueError(
         f"{value!r} is not a duration: use seconds or units like '90s', '20m', '1h30m'"
     )

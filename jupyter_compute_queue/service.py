@@ -1,0 +1,559 @@
+"""The queue service: the rules of SPEC §3 to §5 on top of the store, the logs and the blobs.
+
+Front ends (REST, websockets) call it with an :class:`Identity`; it checks the access policy,
+validates, lets the store apply the change atomically, then publishes events and pushes work to
+connected workers. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
+from .blobs import BlobStore
+from .events import EventBus, LogsAppended, RunChanged, WorkerChanged
+from .jobs import InvalidJob, JobDefinition, canonical_json, job_id, parse_definition
+from .logs import LogStore
+from .runs import DEFAULT_NAMESPACE, Phase, RunRecord, RunState
+from .store.base import (
+    Assignment,
+    Capacity,
+    Change,
+    Conflict,
+    Held,
+    NotFound,
+    Outcome,
+    Page,
+    Store,
+    SubmitRequest,
+    WorkerInfo,
+)
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+
+
+class ServiceError(Exception):
+    """An error whose message is for the user; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class BadRequest(ServiceError, ValueError):
+    """The request itself is wrong; the message names what."""
+
+
+class Forbidden(ServiceError):
+    """The caller may not do this (or may not know the thing exists)."""
+
+    status = 403
+
+
+class TooLarge(ServiceError):
+    """A body over a configured limit."""
+
+    status = 413
+
+
+@dataclass
+class ServiceConfig:
+    """The knobs the service needs (the server extension fills them from its traitlets)."""
+
+    lease_seconds: float = 30.0
+    max_lost: int = 3
+    retention_days: float = 30.0
+    cache_scope: str = "queue"  # "queue", or "host" to share results across private queues
+    max_definition_bytes: int = 4 * 1024 * 1024
+    public: bool = False
+    sweep_batch: int = 500
+    retention_interval: float = 3600.0
+    #: Blobs nothing refers to are deleted once nobody touched them for this long.
+    blob_grace_seconds: float = DAY
+
+
+#: How a service hands an assignment to a connected worker.
+Deliver = Callable[[Assignment], Awaitable[None]]
+#: How a service tells a connected worker to stop a run.
+Stop = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class WorkerSession:
+    """A connected worker: what it is, what it has free, and how to reach it."""
+
+    info: WorkerInfo
+    deliver: Deliver
+    stop: Stop
+    free: Capacity
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class QueueService:
+    """The host's rules; one per server process."""
+
+    def __init__(
+        self,
+        store: Store,
+        logs: LogStore,
+        blobs: BlobStore,
+        config: ServiceConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.logs = logs
+        self.blobs = blobs
+        self.config = config or ServiceConfig()
+        self.policy = AccessPolicy(public=self.config.public)
+        self.bus = EventBus()
+        self.clock = clock
+        self._sessions: dict[str, WorkerSession] = {}
+        self._fences: dict[str, tuple[int, str, str]] = {}  # run id → (fence, worker, queue)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the sweepers. Workers get a fresh lease: the host's own downtime is not theirs."""
+        await self.store.extend_leases(self.clock(), self.config.lease_seconds)
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.lease_seconds / 6, self.expire_leases)),
+            asyncio.create_task(self._every(self.config.retention_interval, self.sweep)),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the sweepers (the caller closes the store, logs and blobs)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:  # a sweeper must outlive one bad round; the log says why
+                log.exception("compute-queue: %s failed", getattr(job, "__name__", job))
+
+    # --- access -----------------------------------------------------------------------------
+
+    def check(self, identity: Identity, action: Action, queue: str | None) -> None:
+        """Raise Forbidden unless the policy allows it."""
+        if queue is not None:
+            try:
+                check_queue_name(queue)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        if not self.policy.allowed(identity, action, queue):
+            where = f" on queue {queue!r}" if queue else ""
+            raise Forbidden(f"{_who(identity)} may not {action.value}{where}")
+
+    def visible(self, identity: Identity, queue: str) -> bool:
+        """Whether the caller may see a queue's runs."""
+        return self.policy.allowed(identity, Action.READ, queue)
+
+    # --- submissions ------------------------------------------------------------------------
+
+    async def submit(self, identity: Identity, queue: str, payload: Any) -> Any:
+        """Submit one definition or envelope, or a list of them (answered by a list)."""
+        self.check(identity, Action.SUBMIT, queue)
+        items = payload if isinstance(payload, list) else [payload]
+        if not items:
+            raise BadRequest("an empty batch submits nothing")
+        requests = [
+            await self._request(queue, item, i if isinstance(payload, list) else None)
+            for i, item in enumerate(items)
+        ]
+        results = await self.store.submit(requests, self.clock())
+        for result in results:
+            if result.outcome != "cached":
+                self._publish(result.record)
+            await self._apply(result.released)
+        await self.dispatch(queue)
+        answers = [self._answer(r.record) for r in results]
+        return answers if isinstance(payload, list) else answers[0]
+
+    async def _request(self, queue: str, item: Any, index: int | None) -> SubmitRequest:
+        where = "" if index is None else f"[{index}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"submission{where}: expected a job definition or an envelope")
+        envelope = item if "definition" in item else {"definition": item}
+        unknown = set(envelope) - {"definition", "namespace", "rerun", "callbacks"}
+        if unknown:
+            raise BadRequest(f"{where}{sorted(unknown)[0]}: unknown field of the envelope")
+        if envelope.get("callbacks"):
+            raise BadRequest(f"{where}callbacks: not supported by this host yet")
+        namespace = envelope.get("namespace") or DEFAULT_NAMESPACE
+        rerun = envelope.get("rerun", False)
+        if not isinstance(rerun, bool):
+            raise BadRequest(f"{where}rerun: must be true or false")
+        try:
+            check_namespace(str(namespace))
+        except ValueError as exc:
+            raise BadRequest(f"{where}namespace: {exc}") from None
+        raw = envelope["definition"]
+        if len(canonical_json(raw)) > self.config.max_definition_bytes:
+            raise TooLarge(
+                f"{where}definition: larger than {self.config.max_definition_bytes} bytes; "
+                "upload big inputs as blobs and refer to them by key"
+            )
+        try:
+            definition = parse_definition(raw)
+        except InvalidJob as exc:
+            raise BadRequest(f"{where}{exc}") from None
+        await self._check_blobs(definition, where)
+        return SubmitRequest(
+            queue=queue,
+            definition=definition,
+            job_id=job_id(definition),
+            namespace=str(namespace),
+            rerun=rerun,
+            cache_any_queue=self.config.cache_scope == "host" and not self.policy.public,
+            cache_since=self.clock() - self.config.retention_days * DAY,
+        )
+
+    async def _check_blobs(self, definition: JobDefinition, where: str) -> None:
+        for field_name, path, ref in definition.data_refs():
+            key = ref.sha256() if ref.type.value == "key" else None
+            if key is not None and not await self.blobs.exists(key):
+                raise BadRequest(
+                    f"{where}{field_name}.{path}: blob {key} is not on this host; upload it first"
+                )
+
+    def _answer(self, record: RunRecord) -> dict[str, Any]:
+        return {
+            "jobId": record.job_id,
+            "runId": record.run_id,
+            "queue": record.queue,
+            "state": record.state.value,
+            "cached": record.cached,
+            "url": f"q/{record.queue}/j/{record.job_id}",
+        }
+
+    async def copy(self, identity: Identity, job: str, target: str, namespace: str | None) -> Any:
+        """Submit a stored job's definition to another queue."""
+        await self.get_job(identity, job)  # the caller must see the job in some queue
+        definition = await self.store.get_definition(job)
+        assert definition is not None
+        envelope: dict[str, Any] = {"definition": definition}
+        if namespace:
+            envelope["namespace"] = namespace
+        return await self.submit(identity, target, envelope)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def get_job(
+        self, identity: Identity, job: str, queue: str | None = None
+    ) -> dict[str, Any]:
+        """``{"jobId", "definition", "runs"}`` with the runs of the queues the caller may see."""
+        if queue is not None:
+            self.check(identity, Action.READ, queue)
+        runs = await self.store.job_runs(job, None if queue is None else [queue])
+        runs = [r for r in runs if self.visible(identity, r.queue)]
+        if not runs:
+            raise NotFound(f"job {job} is not known" + (f" in queue {queue!r}" if queue else ""))
+        definition = await self.store.get_definition(job)
+        return {
+            "jobId": job,
+            "definition": definition,
+            "runs": [self.with_live_log_bytes(r).wire() for r in runs],
+        }
+
+    async def latest_run(self, identity: Identity, job: str, queue: str | None) -> RunRecord:
+        """The newest run of a job the caller may see (in ``queue`` when given)."""
+        data = await self.get_job(identity, job, queue)
+        record = RunRecord.model_validate(data["runs"][0])
+        await self.store.touch([record.run_id], self.clock())
+        return record
+
+    async def list_runs(
+        self,
+        identity: Identity,
+        queue: str,
+        states: Sequence[str] = (),
+        namespace: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        """A queue's runs, newest first."""
+        self.check(identity, Action.READ, queue)
+        try:
+            parsed = [RunState(s) for s in states]
+        except ValueError:
+            known = ", ".join(s.value for s in RunState)
+            raise BadRequest(f"state: one of {known}") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit: between 1 and 1000")
+        try:
+            page = await self.store.list_runs(
+                queue, states=parsed, namespace=namespace, cursor=cursor, limit=limit
+            )
+        except ValueError as exc:
+            raise BadRequest(f"cursor: {exc}") from None
+        return Page([self.with_live_log_bytes(r) for r in page.runs], page.cursor)
+
+    async def status(self, identity: Identity, queue: str) -> dict[str, Any]:
+        """Counts by state, the queue's workers, and the age of its oldest queued run."""
+        self.check(identity, Action.READ, queue)
+        counts = await self.store.counts(queue)
+        workers = await self.store.workers(queue)
+        for worker in workers:
+            worker["connected"] = worker["id"] in self._sessions
+        oldest = counts.oldest_queued_at
+        return {
+            "queue": queue,
+            "counts": {state.value: n for state, n in counts.by_state.items()},
+            "workers": workers,
+            "oldestQueuedSeconds": None if oldest is None else max(0.0, self.clock() - oldest),
+        }
+
+    def with_live_log_bytes(self, record: RunRecord) -> RunRecord:
+        """A running run's logBytes come from its log file, not from the store."""
+        if record.state is RunState.FINISHED:
+            return record
+        return record.model_copy(update={"log_bytes": self.logs.size(record.run_id)})
+
+    # --- cancel and forget ------------------------------------------------------------------
+
+    async def cancel(
+        self, identity: Identity, queue: str | None, job: str, namespace: str | None
+    ) -> list[Change]:
+        """Cancel a job's run in a queue, or in every queue the caller may see (queue None)."""
+        if namespace is not None:
+            try:
+                check_namespace(namespace)
+            except ValueError as exc:
+                raise BadRequest(f"namespace: {exc}") from None
+        if queue is not None:
+            self.check(identity, Action.CANCEL, queue)
+            queues = [queue]
+        else:
+            runs = await self.store.job_runs(job)
+            queues = sorted(
+                {r.queue for r in runs if self.policy.allowed(identity, Action.CANCEL, r.queue)}
+            )
+            if not queues:
+                raise NotFound(f"job {job} is not known")
+        changes = [await self.store.cancel(q, job, namespace, self.clock()) for q in queues]
+        await self._apply(changes)
+        return changes
+
+    async def forget(self, identity: Identity, queue: str, job: str) -> int:
+        """Forget a job's cached results in a queue."""
+        self.check(identity, Action.DELETE, queue)
+        return await self.store.forget(queue, job)
+
+    async def _apply(self, changes: Iterable[Change]) -> None:
+        """Publish changed runs and tell workers to stop the ones the host ended."""
+        for change in changes:
+            if not change.changed:
+                continue
+            self._publish(change.record)
+            if change.stop_on_worker is not None:
+                self._fences.pop(change.record.run_id, None)
+                session = self._sessions.get(change.stop_on_worker)
+                if session is not None:
+                    await session.stop(change.record.run_id)
+
+    def _publish(self, record: RunRecord) -> None:
+        self.bus.publish(RunChanged(record))
+
+    # --- workers ----------------------------------------------------------------------------
+
+    async def connect_worker(
+        self,
+        identity: Identity,
+        info: WorkerInfo,
+        held: Sequence[Held],
+        deliver: Deliver,
+        stop: Stop,
+    ) -> list[Held]:
+        """Register a connected worker; returns the runs it may keep (it stops the others)."""
+        if not info.queues:
+            raise BadRequest("queues: a worker serves at least one queue")
+        for queue in info.queues:
+            self.check(identity, Action.WORK, queue)
+        now = self.clock()
+        reg = await self.store.register_worker(
+            info, held, now, self.config.lease_seconds, self.config.max_lost
+        )
+        for record in reg.lost:
+            self._fences.pop(record.run_id, None)
+            self._publish(record)
+        for kept in reg.kept:
+            run = await self.store.get_run(kept.run_id)
+            if run is not None:
+                self._fences[kept.run_id] = (kept.fence, info.worker_id, run.queue)
+        # Nothing is assigned until the worker says what it has free: it knows what it runs.
+        self._sessions[info.worker_id] = WorkerSession(info, deliver, stop, Capacity(0, 0, 0))
+        self.bus.publish(WorkerChanged(info.queues, info.worker_id, {"connected": True}))
+        if reg.lost:
+            await self.dispatch_all({r.queue for r in reg.lost})
+        return reg.kept
+
+    async def disconnect_worker(self, worker_id: str, graceful: bool) -> None:
+        """A worker's socket closed. Graceful: its runs go back uncounted; else its lease runs
+        out on its own (it may reconnect in time and keep them)."""
+        session = self._sessions.pop(worker_id, None)
+        if graceful:
+            back = await self.store.give_back(worker_id, None)
+            for record in back:
+                self._fences.pop(record.run_id, None)
+                self._publish(record)
+            await self.store.drop_worker(worker_id)
+            await self.dispatch_all({r.queue for r in back})
+        if session is not None:
+            self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))
+
+    async def heartbeat(self, worker_id: str) -> list[Held]:
+        """Renew a worker's lease; the runs it still holds (it stops any other)."""
+        return await self.store.heartbeat(worker_id, self.clock(), self.config.lease_seconds)
+
+    async def report_free(self, worker_id: str, free: Capacity) -> None:
+        """A worker's free capacity changed: assign it what fits."""
+        session = self._session(worker_id)
+        session.free = free
+        await self._fill(session)
+
+    async def dispatch(self, queue: str) -> None:
+        """Offer a queue's runs to the connected workers that serve it."""
+        for session in list(self._sessions.values()):
+            if queue in session.info.queues:
+                await self._fill(session)
+
+    async def dispatch_all(self, queues: Iterable[str]) -> None:
+        for queue in sorted(set(queues)):
+            await self.dispatch(queue)
+
+    async def _fill(self, session: WorkerSession) -> None:
+        async with session.lock:
+            while self._sessions.get(session.info.worker_id) is session:
+                try:
+                    assignment = await self.store.claim(session.info, session.free, self.clock())
+                except NotFound:  # its lease ran out: it must register again
+                    return
+                if assignment is None:
+                    return
+                session.free = session.free.minus(assignment.needs)
+                run = assignment.record
+                self._fences[run.run_id] = (assignment.fence, session.info.worker_id, run.queue)
+                self._publish(run)
+                await session.deliver(assignment)
+
+    def _session(self, worker_id: str) -> WorkerSession:
+        session = self._sessions.get(worker_id)
+        if session is None:
+            raise NotFound(f"worker {worker_id!r} is not connected")
+        return session
+
+    def _check_fence(self, run_id: str, fence: int, worker_id: str) -> str:
+        """The run's queue if this is the current assignment; Conflict otherwise."""
+        current = self._fences.get(run_id)
+        if current is None or current[0] != fence or current[1] != worker_id:
+            raise Conflict(f"run {run_id} is not yours under fence {fence}: stop it")
+        return current[2]
+
+    async def set_phase(
+        self, worker_id: str, run_id: str, fence: int, phase: Phase, image_digest: str | None = None
+    ) -> None:
+        """A worker reports what its run is doing."""
+        record = await self.store.set_phase(run_id, fence, worker_id, phase, image_digest)
+        self._publish(record)
+
+    def append_logs(
+        self,
+        worker_id: str,
+        run_id: str,
+        fence: int,
+        frames: Iterable[tuple[str, str | bytes, int | None]],
+    ) -> int:
+        """A worker's log frames for a run it holds; returns the log's new length."""
+        queue = self._check_fence(run_id, fence, worker_id)
+        end = self.logs.append_many(run_id, frames)
+        self.bus.publish(LogsAppended(queue, run_id, end))
+        return end
+
+    async def finish(self, worker_id: str, run_id: str, fence: int, outcome: Outcome) -> RunRecord:
+        """A worker's result. Conflict for a stale fence; a duplicate is accepted unchanged."""
+        outcome = replace(outcome, log_bytes=self.logs.size(run_id))
+        change = await self.store.finish(run_id, fence, worker_id, outcome, self.clock())
+        self._fences.pop(run_id, None)
+        self.logs.close(run_id)
+        if change.changed:
+            self._publish(change.record)
+        return change.record
+
+    # --- sweepers ---------------------------------------------------------------------------
+
+    async def expire_leases(self) -> list[RunRecord]:
+        """Requeue the runs of workers whose lease passed (WorkerLost at max_lost)."""
+        changed = await self.store.expire_leases(self.clock(), self.config.max_lost)
+        for record in changed:
+            self._fences.pop(record.run_id, None)
+            self._publish(record)
+        await self.dispatch_all({r.queue for r in changed if r.state is RunState.QUEUED})
+        return changed
+
+    async def sweep(self) -> tuple[int, int]:
+        """Retention: delete expired runs with their logs, then unreferenced old blobs.
+
+        Returns (runs deleted, blobs deleted).
+        """
+        now = self.clock()
+        cutoff = now - self.config.retention_days * DAY
+        runs = 0
+        while True:
+            swept = await self.store.sweep(cutoff, self.config.sweep_batch)
+            for run_id in swept.run_ids:
+                await asyncio.to_thread(self.logs.delete, run_id)
+            runs += len(swept.run_ids)
+            if (
+                len(swept.run_ids) < self.config.sweep_batch
+                and swept.jobs < self.config.sweep_batch
+            ):
+                break
+        blobs = 0
+        batch: list[str] = []
+        untouched_since = now - self.config.blob_grace_seconds
+        async for info in self.blobs.list(touched_before=untouched_since):
+            batch.append(info.key)
+            if len(batch) >= self.config.sweep_batch:
+                blobs += await self._delete_unreferenced(batch, untouched_since)
+                batch = []
+        blobs += await self._delete_unreferenced(batch, untouched_since)
+        return runs, blobs
+
+    async def _delete_unreferenced(self, keys: list[str], untouched_since: float) -> int:
+        if not keys:
+            return 0
+        referenced = await self.store.referenced_blobs(keys)
+        deleted = 0
+        for key in keys:
+            if key in referenced:
+                continue
+            # Listed a moment ago: someone may have uploaded it again since, for a submission.
+            info = await self.blobs.stat(key)
+            if (
+                info is not None
+                and info.touched_at < untouched_since
+                and await self.blobs.delete(key)
+            ):
+                deleted += 1
+        return deleted
+
+
+def _who(identity: Identity) -> str:
+    if identity == ANONYMOUS:
+        return "an anonymous caller"
+    if identity.kind == "worker":
+        return f"a worker token for queue {identity.queue!r}"
+    return f"user {identity.name!r}" if identity.name else "this user"

@@ -1,0 +1,289 @@
+"""The durable state of a queue host behind one async interface.
+
+The store keeps jobs, runs, holders (namespaces), worker leases and blob references, and applies
+the state changes of SPEC §3 to §5 atomically. It holds no policy: the service decides who may do
+what and which queues a cache lookup may see, and tells the store.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..jobs import JobDefinition
+from ..runs import OutputRef, Phase, Reason, RunRecord, RunState
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class Conflict(StoreError):
+    """An update that does not match the run's current state (a stale fence, a wrong worker)."""
+
+
+class NotFound(StoreError, KeyError):
+    """No such job, run or worker."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """One submission, already validated and authorised by the service."""
+
+    queue: str
+    definition: JobDefinition
+    job_id: str
+    namespace: str
+    rerun: bool = False
+    #: Whether Success runs of other queues may answer it (``cache_scope = "host"``); the
+    #: service sets it only where no queue's results can leak to callers who may not see them.
+    cache_any_queue: bool = False
+    #: Only runs finished after this epoch time count as cached results (retention).
+    cache_since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A run whose state changed, and whether the change was new (False for a duplicate)."""
+
+    record: RunRecord
+    changed: bool
+    #: The worker that was running it, when the change means that worker must stop it.
+    stop_on_worker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What a submission did: the run it answers with, and the runs its namespace let go of."""
+
+    record: RunRecord
+    #: "new" (a run was queued), "joined" (an unfinished run got a holder), or "cached".
+    outcome: str
+    #: Runs that lost this namespace as a holder; those left with none finished ``Replaced``.
+    released: list[Change] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Resources of a worker: total when it registers, free when it asks for work."""
+
+    cpus: float
+    memory: int | None = None  # bytes; None: the worker does not account memory
+    gpus: int = 0
+
+    def fits(self, cpus: float, memory: int, gpus: int) -> bool:
+        """True when a run needing these resources fits in this capacity."""
+        mem_ok = self.memory is None or memory <= self.memory
+        return cpus <= self.cpus + 1e-9 and mem_ok and gpus <= self.gpus
+
+    def minus(self, used: Capacity) -> Capacity:
+        """What is left after ``used`` is taken (memory stays unaccounted if it was)."""
+        memory = None if self.memory is None else self.memory - (used.memory or 0)
+        return Capacity(self.cpus - used.cpus, memory, self.gpus - used.gpus)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker says of itself when it registers."""
+
+    worker_id: str
+    queues: tuple[str, ...]
+    capacity: Capacity
+    version: str | None = None
+    tags: frozenset[str] = frozenset()
+    max_duration: int = 3600  # seconds; it may run jobs whose limit is at most this
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A run a worker holds, with the fence of its assignment."""
+
+    run_id: str
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A run given to a worker: the record, the stored definition and the fence."""
+
+    record: RunRecord
+    definition: dict[str, Any]
+    fence: int
+    #: What the run takes from the worker's free capacity.
+    needs: Capacity
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The result of (re-)registering a worker."""
+
+    #: Runs this worker holds under its fences and may keep running.
+    kept: list[Held]
+    #: Runs it held on the host's side but did not report: requeued (or finished WorkerLost).
+    lost: list[RunRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a worker says a run ended."""
+
+    reason: Reason
+    exit_code: int | None = None
+    message: str | None = None
+    outputs: dict[str, OutputRef] = field(default_factory=dict)
+    log_bytes: int = 0
+    image_digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing, newest first; ``cursor`` fetches the next page (None at the end)."""
+
+    runs: list[RunRecord]
+    cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """Runs of a queue by state, and when its oldest queued run was queued (epoch seconds)."""
+
+    by_state: dict[RunState, int]
+    oldest_queued_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What a retention sweep removed."""
+
+    run_ids: list[str]
+    jobs: int
+
+
+class Store(ABC):
+    """Durable state; every method is atomic."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema and get ready."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release resources."""
+
+    # --- jobs and submissions -------------------------------------------------------------
+
+    @abstractmethod
+    async def submit(self, requests: Sequence[SubmitRequest], now: float) -> list[SubmitResult]:
+        """Join, answer from cache or queue each request, in order (SPEC §3)."""
+
+    @abstractmethod
+    async def get_definition(self, job_id: str) -> dict[str, Any] | None:
+        """The stored (wire) definition of a job."""
+
+    @abstractmethod
+    async def job_runs(self, job_id: str, queues: Collection[str] | None = None) -> list[RunRecord]:
+        """A job's runs, newest first, limited to ``queues`` when given."""
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """One run."""
+
+    @abstractmethod
+    async def list_runs(
+        self,
+        queue: str,
+        *,
+        states: Collection[RunState] = (),
+        namespace: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        """A queue's runs, newest first, keyset-paginated."""
+
+    @abstractmethod
+    async def counts(self, queue: str) -> QueueCounts:
+        """Runs of a queue by state."""
+
+    @abstractmethod
+    async def cancel(self, queue: str, job_id: str, namespace: str | None, now: float) -> Change:
+        """Cancel the job's unfinished run in the queue, or drop one holder (SPEC §3).
+
+        Without an unfinished run, answers the latest run unchanged; NotFound without any.
+        """
+
+    @abstractmethod
+    async def forget(self, queue: str, job_id: str) -> int:
+        """Stop the job's Success runs in the queue from answering as cached; how many."""
+
+    @abstractmethod
+    async def touch(self, run_ids: Collection[str], now: float) -> None:
+        """Record an access to these runs (retention counts from the last access)."""
+
+    # --- workers, leases, results ---------------------------------------------------------
+
+    @abstractmethod
+    async def register_worker(
+        self,
+        worker: WorkerInfo,
+        held: Sequence[Held],
+        now: float,
+        lease_seconds: float,
+        max_lost: int,
+    ) -> Registration:
+        """(Re-)register a worker with a fresh lease; requeue what it no longer holds."""
+
+    @abstractmethod
+    async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> list[Held]:
+        """Renew a worker's lease; the runs it still holds. NotFound if never registered."""
+
+    @abstractmethod
+    async def claim(self, worker: WorkerInfo, free: Capacity, now: float) -> Assignment | None:
+        """Assign the oldest queued run that fits, marking it Running under a new fence."""
+
+    @abstractmethod
+    async def set_phase(
+        self, run_id: str, fence: int, worker_id: str, phase: Phase, image_digest: str | None
+    ) -> RunRecord:
+        """Record a running run's phase. Conflict unless the run is running under this fence."""
+
+    @abstractmethod
+    async def finish(
+        self, run_id: str, fence: int, worker_id: str, outcome: Outcome, now: float
+    ) -> Change:
+        """Accept a worker's result. Conflict on a stale fence; a duplicate changes nothing."""
+
+    @abstractmethod
+    async def give_back(self, worker_id: str, run_ids: Collection[str] | None) -> list[RunRecord]:
+        """Requeue runs a worker hands back gracefully (all of them for None), uncounted."""
+
+    @abstractmethod
+    async def drop_worker(self, worker_id: str) -> None:
+        """Forget a worker that said goodbye (it holds nothing any more)."""
+
+    @abstractmethod
+    async def expire_leases(self, now: float, max_lost: int) -> list[RunRecord]:
+        """Requeue (or finish WorkerLost) the runs of workers whose lease has passed."""
+
+    @abstractmethod
+    async def extend_leases(self, now: float, lease_seconds: float) -> None:
+        """Give every worker a fresh lease (after the host itself was down)."""
+
+    @abstractmethod
+    async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Registered workers (of a queue), with capacity, lease and running runs."""
+
+    # --- retention ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def sweep(self, cutoff: float, batch: int) -> Swept:
+        """Delete up to ``batch`` finished runs last accessed before ``cutoff``, and jobs left
+        with no runs that were last accessed before it."""
+
+    @abstractmethod
+    async def referenced_blobs(self, keys: Collection[str]) -> set[str]:
+        """Which of these blob keys a stored job or run refers to."""

@@ -1,0 +1,126 @@
+"""Rows of the ``runs`` table to records, and the state changes several transactions share."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from ..runs import OutputRef, Phase, Reason, RunRecord, RunState, WorkerRef, utc
+
+#: A run that names no cpus counts as one when fitting it into a worker's free capacity.
+DEFAULT_CPUS = 1.0
+
+STATES: list[RunState] = [RunState.QUEUED, RunState.RUNNING, RunState.FINISHED]
+STATE_CODE = {state: code for code, state in enumerate(STATES)}
+
+RUN_COLUMNS = (
+    "seq, run_id, job_id, queue, state, phase, reason, exit_code, message, namespaces, attempt,"
+    " lost_count, worker_id, worker_version, image_digest, outputs, log_bytes, queued_at,"
+    " started_at, finished_at"
+)
+
+
+def to_record(row: Sequence[Any]) -> RunRecord:
+    """A record from a row selected with RUN_COLUMNS."""
+    (
+        _seq,
+        run_id,
+        job_id,
+        queue,
+        state,
+        phase,
+        reason,
+        exit_code,
+        message,
+        namespaces,
+        attempt,
+        lost_count,
+        worker_id,
+        worker_version,
+        image_digest,
+        outputs,
+        log_bytes,
+        queued_at,
+        started_at,
+        finished_at,
+    ) = row
+    return RunRecord(
+        run_id=run_id,
+        job_id=job_id,
+        queue=queue,
+        state=STATES[state],
+        phase=Phase(phase) if phase else None,
+        reason=Reason(reason) if reason else None,
+        exit_code=exit_code,
+        message=message,
+        namespaces=json.loads(namespaces),
+        attempt=attempt,
+        lost_count=lost_count,
+        worker=WorkerRef(id=worker_id, version=worker_version) if worker_id else None,
+        image_digest=image_digest,
+        outputs={p: OutputRef(**o) for p, o in json.loads(outputs).items()} if outputs else {},
+        log_bytes=log_bytes,
+        queued_at=utc(queued_at),
+        started_at=utc(started_at),
+        finished_at=utc(finished_at),
+    )
+
+
+def fetch_runs(c: sqlite3.Connection, where: str, args: Sequence[Any]) -> list[RunRecord]:
+    """Records of the runs matching a WHERE clause (which may end in ORDER BY / LIMIT)."""
+    return [to_record(r) for r in c.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE {where}", args)]
+
+
+def fetch_run(c: sqlite3.Connection, where: str, args: Sequence[Any]) -> RunRecord | None:
+    """The first run matching a WHERE clause, or None."""
+    row = c.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE {where}", args).fetchone()
+    return None if row is None else to_record(row)
+
+
+def _fetch(c: sqlite3.Connection, seq: int) -> RunRecord:
+    record = fetch_run(c, "seq = ?", (seq,))
+    assert record is not None, seq
+    return record
+
+
+def set_holders(c: sqlite3.Connection, seq: int, namespaces: list[str]) -> None:
+    """Replace a run's holders (the table for lookups, the JSON column for records)."""
+    c.execute("DELETE FROM holders WHERE seq = ?", (seq,))
+    c.executemany(
+        "INSERT INTO holders (namespace, seq) VALUES (?, ?)", [(ns, seq) for ns in namespaces]
+    )
+    c.execute("UPDATE runs SET namespaces = ? WHERE seq = ?", (json.dumps(namespaces), seq))
+
+
+def finish_run(
+    c: sqlite3.Connection, seq: int, reason: Reason, message: str | None, now: float
+) -> RunRecord:
+    """Finish a run for good; a Success becomes the queue's cached result for its job."""
+    c.execute(
+        "UPDATE runs SET state = 2, phase = NULL, reason = ?, message = ?, finished_at = ?,"
+        " accessed_at = ?, cacheable = ? WHERE seq = ?",
+        (reason.value, message, now, now, int(reason is Reason.SUCCESS), seq),
+    )
+    return _fetch(c, seq)
+
+
+def requeue_run(c: sqlite3.Connection, seq: int, *, counted: bool) -> RunRecord:
+    """Put a running run back in the queue at its old place (its seq), counting a loss or not."""
+    c.execute(
+        "UPDATE runs SET state = 0, phase = NULL, worker_id = NULL, worker_version = NULL,"
+        " started_at = NULL, lost_count = lost_count + ? WHERE seq = ?",
+        (int(counted), seq),
+    )
+    return _fetch(c, seq)
+
+
+def lose_run(c: sqlite3.Connection, seq: int, max_lost: int, now: float, why: str) -> RunRecord:
+    """A run whose worker was lost: requeued, or finished WorkerLost at the max_lost-th loss."""
+    lost = c.execute("SELECT lost_count FROM runs WHERE seq = ?", (seq,)).fetchone()[0] + 1
+    if lost >= max_lost:
+        c.execute("UPDATE runs SET lost_count = ? WHERE seq = ?", (lost, seq))
+        message = f"{why}; its worker was lost {lost} times, the limit is {max_lost}"
+        return finish_run(c, seq, Reason.WORKER_LOST, message, now)
+    return requeue_run(c, seq, counted=True)
