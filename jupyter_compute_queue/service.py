@@ -116,6 +116,7 @@ class QueueService:
         self._sessions: dict[str, WorkerSession] = {}
         self._fences: dict[str, tuple[int, str, str]] = {}  # run id → (fence, worker, queue)
         self._tasks: list[asyncio.Task[None]] = []
+        self._touched: dict[str, float] = {}  # run id → when this process last recorded a read
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -261,6 +262,7 @@ class QueueService:
         runs = [r for r in runs if self.visible(identity, r.queue)]
         if not runs:
             raise NotFound(f"job {job} is not known" + (f" in queue {queue!r}" if queue else ""))
+        await self._touch(runs)
         definition = await self.store.get_definition(job)
         return {
             "jobId": job,
@@ -271,9 +273,17 @@ class QueueService:
     async def latest_run(self, identity: Identity, job: str, queue: str | None) -> RunRecord:
         """The newest run of a job the caller may see (in ``queue`` when given)."""
         data = await self.get_job(identity, job, queue)
-        record = RunRecord.model_validate(data["runs"][0])
-        await self.store.touch([record.run_id], self.clock())
-        return record
+        return RunRecord.model_validate(data["runs"][0])
+
+    async def _touch(self, runs: Sequence[RunRecord]) -> None:
+        """Retention counts from the last access; an hour's precision saves a write per read."""
+        now = self.clock()
+        stale = [r.run_id for r in runs if now - self._touched.get(r.run_id, 0.0) > 3600]
+        if stale:
+            await self.store.touch(stale, now)
+            if len(self._touched) > 100_000:
+                self._touched.clear()
+            self._touched.update((run_id, now) for run_id in stale)
 
     async def list_runs(
         self,

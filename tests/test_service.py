@@ -288,3 +288,17 @@ async def test_status_and_listing(service: QueueService) -> None:
     assert len(page.runs) == 1 and page.cursor is not None
     with pytest.raises(BadRequest, match="state"):
         await service.list_runs(USER, "q", states=["Sleeping"])
+
+
+async def test_reading_a_job_postpones_its_retention(service: QueueService, clock: Clock) -> None:
+    worker = await connect(service, "w1")
+    answer = await service.submit(USER, "q", JOB)
+    [assignment] = worker.assigned
+    await service.finish("w1", answer["runId"], assignment.fence, Outcome(Reason.SUCCESS, 0))
+    days = service.config.retention_days
+    clock.advance((days - 1) * 86400)
+    await service.get_job(USER, answer["jobId"])
+    clock.advance(2 * 86400)
+    assert (await service.sweep())[0] == 0
+    clock.advance(days * 86400)
+    assert (await service.sweep())[0] == 1
