@@ -66,7 +66,7 @@ class DataRefType(str, Enum):
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8 without escapes, integral numbers as integers."""
     return json.dumps(
-        _integral(value), sort_keys=True, separators=(", ", ":"), ensure_ascii=False, allow_nan=False
+        _integral(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
 
 
@@ -229,6 +229,13 @@ class Requirements(_Wire):
     gpus: int | None = Field(default=None, ge=0)
     max_duration: Duration = None  # the seed's spelling; moved to the top level
 
+    @field_validator("cpus", "gpus", mode="before")
+    @classmethod
+    def _not_bool(cls, value: object) -> object:
+        if isinstance(value, bool):  # JSON true would otherwise pass as 1
+            raise ValueError("must be a number, not true or false")
+        return value
+
 
 def check_path(path: str, *, absolute_ok: bool = False) -> str:
     """A file path inside the job: no empty, ``.`` or ``..`` segments, no NUL or backslash."""
@@ -363,21 +370,21 @@ def _check_paths(field: str, refs: dict[str, DataRef], *, absolute_ok: bool) -> 
 
 
 def _check_input_tree(defn: JobDefinition) -> None:
-    """Inputs and relative config files share /inputs: no path may be both a file and a folder."""
-    files: dict[str, str] = {}
+    """No file may be given twice or also be a folder, whether under /inputs or absolute."""
+    files: dict[str, tuple[str, str]] = {}  # path in the container → (field, path as given)
     for field, path, _ in defn.data_refs():
-        if path.startswith("/"):
-            continue
-        if path in files:
-            raise InvalidJob(f"{field}.{path}", f"{path!r} is also given in {files[path]}")
-        files[path] = field
-    for path, field in files.items():
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            folder = "/".join(parts[:i])
-            if folder in files:
+        # Relative paths share /inputs; absolute config files are mounted where they say.
+        where = path if path.startswith("/") else f"/inputs/{path}"
+        if where in files:
+            raise InvalidJob(f"{field}.{path}", f"{path!r} is also given in {files[where][0]}")
+        files[where] = (field, path)
+    for where, (field, path) in files.items():
+        parts = where.split("/")
+        for i in range(2, len(parts)):
+            folder = files.get("/".join(parts[:i]))
+            if folder is not None:
                 raise InvalidJob(
-                    f"{field}.{path}", f"{folder!r} is a file, so it cannot also be a folder"
+                    f"{field}.{path}", f"{folder[1]!r} is a file, so it cannot also be a folder"
                 )
 
 

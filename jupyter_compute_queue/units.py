@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_UNITS: dict[str, Fraction | int] = {
+    "ms": Fraction(1, 1000),
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+    "d": 86400,
+}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 
@@ -23,7 +30,7 @@ _NUMBER_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 _MAX = 2**63 - 1
 
 
-def _whole(number: float, value: object, what: str) -> int:
+def _whole(number: float | Fraction, value: object, what: str) -> int:
     """``number`` rounded up; too large (even infinite) is a ValueError, not an OverflowError."""
     if not number <= _MAX:  # also refuses inf and NaN; an exact comparison for huge ints
         raise ValueError(f"{value!r} is too large for a {what}")
@@ -49,7 +56,8 @@ def parse_size(value: object) -> int:
         match = _SIZE_RE.match(value)
         if match:
             number, unit = match.groups()
-            return _whole(float(number) * _SIZE_UNITS[unit.lower()], value, "size")
+            # Exact arithmetic: floats would round "3004.2t" down and 2**63 - 1 up.
+            return _whole(Fraction(number) * _SIZE_UNITS[unit.lower()], value, "size")
     raise ValueError(f"{value!r} is not a size: use bytes or Docker's units, like '512m' or '4g'")
 
 
@@ -71,11 +79,11 @@ def parse_duration(value: object) -> int:
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         if _NUMBER_RE.match(text):
-            return _whole(float(text), value, "duration")
+            return _whole(Fraction(text), value, "duration")
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
-            seconds = sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
-            return _whole(round(seconds, 6), value, "duration")
+            seconds = sum(Fraction(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
+            return _whole(seconds, value, "duration")
     raise ValueError(
         f"{value!r} is not a duration: use seconds or units like '90s', '20m', '1h30m'"
     )
