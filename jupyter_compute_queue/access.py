@@ -37,8 +37,8 @@ class Identity:
 
     kind: Literal["user", "worker", "anonymous"]
     name: str = ""
-    #: For a worker token: the one queue it admits to.
-    queue: str | None = None
+    #: For worker tokens: the queues they admit to (one token per queue).
+    queues: frozenset[str] = frozenset()
 
 
 ANONYMOUS = Identity("anonymous")
@@ -74,6 +74,26 @@ def check_worker_token(secret: bytes, queue: str, token: str) -> bool:
     return hmac.compare_digest(worker_token(secret, queue), token)
 
 
+def worker_credential(secret: bytes, queue: str) -> str:
+    """What a worker presents for a queue: ``QUEUE:TOKEN`` (several joined by commas)."""
+    return f"{queue}:{worker_token(secret, queue)}"
+
+
+def worker_identity(secret: bytes, credentials: str) -> Identity | None:
+    """The worker identity for ``QUEUE:TOKEN[,QUEUE:TOKEN…]``, or None if any part is wrong."""
+    queues = set()
+    for part in credentials.split(","):
+        queue, sep, token = part.strip().rpartition(":")
+        if (
+            not sep
+            or not QUEUE_NAME_RE.match(queue)
+            or not check_worker_token(secret, queue, token)
+        ):
+            return None
+        queues.add(queue)
+    return Identity("worker", queues=frozenset(queues))
+
+
 class AccessPolicy:
     """The rules of SPEC §8 for one host."""
 
@@ -91,7 +111,7 @@ class AccessPolicy:
         if identity.kind == "worker":
             if action in (Action.BLOB_READ, Action.BLOB_WRITE):
                 return True  # a worker reads its inputs and stores its outputs
-            return action is Action.WORK and queue is not None and queue == identity.queue
+            return action is Action.WORK and queue in identity.queues
         # Anonymous: only in public mode, never on a private queue, never as a worker.
         if not self.public or action is Action.WORK:
             return False

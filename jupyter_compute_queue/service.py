@@ -565,5 +565,5 @@ def _who(identity: Identity) -> str:
     if identity == ANONYMOUS:
         return "an anonymous caller"
     if identity.kind == "worker":
-        return f"a worker token for queue {identity.queue!r}"
+        return f"a worker token for {', '.join(sorted(identity.queues))}"
     return f"user {identity.name!r}" if identity.name else "this user"

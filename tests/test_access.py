@@ -12,11 +12,13 @@ from jupyter_compute_queue.access import (
     check_namespace,
     check_queue_name,
     check_worker_token,
+    worker_credential,
+    worker_identity,
     worker_token,
 )
 
 USER = Identity("user", "alice")
-WORKER_Q = Identity("worker", queue="q")
+WORKER_Q = Identity("worker", queues=frozenset({"q"}))
 QUEUE_ACTIONS = [Action.READ, Action.SUBMIT, Action.CANCEL, Action.DELETE]
 BLOBS = [Action.BLOB_READ, Action.BLOB_WRITE]
 QUEUES = ("q", "local")
@@ -81,3 +83,16 @@ def test_bad_queue_names(name: str) -> None:
 def test_bad_namespaces(namespace: str) -> None:
     with pytest.raises(ValueError, match="namespace"):
         check_namespace(namespace)
+
+
+def test_worker_credentials_name_their_queues() -> None:
+    secret = b"s3cret"
+    both = f"{worker_credential(secret, 'a')},{worker_credential(secret, 'b.c')}"
+    identity = worker_identity(secret, both)
+    assert identity == Identity("worker", queues=frozenset({"a", "b.c"}))
+    assert worker_identity(secret, worker_credential(b"other", "a")) is None
+    # A token for one queue cannot be relabelled for another.
+    forged = "b:" + worker_credential(secret, "a").split(":")[1]
+    assert worker_identity(secret, forged) is None
+    assert worker_identity(secret, "not-a-credential") is None
+    assert worker_identity(secret, f"{worker_credential(secret, 'a')},junk") is None

@@ -222,7 +222,7 @@ async def test_retention_sweeps_runs_logs_and_blobs(service: QueueService, clock
 async def test_private_host_refuses_anonymous(service: QueueService) -> None:
     with pytest.raises(Forbidden, match="anonymous"):
         await service.submit(ANONYMOUS, "q", JOB)
-    worker = Identity("worker", queue="q")
+    worker = Identity("worker", queues=frozenset({"q"}))
     with pytest.raises(Forbidden, match="worker token"):
         await service.submit(worker, "q", JOB)
 
