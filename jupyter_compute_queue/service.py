@@ -117,12 +117,14 @@ class QueueService:
         self._fences: dict[str, tuple[int, str, str]] = {}  # run id → (fence, worker, queue)
         self._tasks: list[asyncio.Task[None]] = []
         self._touched: dict[str, float] = {}  # run id → when this process last recorded a read
+        self._active: set[str] = set()  # runs queued or running, for the idle culler
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the sweepers. Workers get a fresh lease: the host's own downtime is not theirs."""
         await self.store.extend_leases(self.clock(), self.config.lease_seconds)
+        self._active = set(await self.store.active_run_ids())
         self._tasks = [
             asyncio.create_task(self._every(self.config.lease_seconds / 6, self.expire_leases)),
             asyncio.create_task(self._every(self.config.retention_interval, self.sweep)),
@@ -375,7 +377,16 @@ class QueueService:
                     await session.stop(change.record.run_id)
 
     def _publish(self, record: RunRecord) -> None:
+        if record.finished:
+            self._active.discard(record.run_id)
+        else:
+            self._active.add(record.run_id)
         self.bus.publish(RunChanged(record))
+
+    @property
+    def active_runs(self) -> int:
+        """How many runs are queued or running."""
+        return len(self._active)
 
     # --- workers ----------------------------------------------------------------------------
 

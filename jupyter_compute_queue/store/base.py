@@ -206,6 +206,10 @@ class Store(ABC):
         """A queue's runs, newest first, keyset-paginated."""
 
     @abstractmethod
+    async def active_run_ids(self) -> list[str]:
+        """Runs that are queued or running, in every queue."""
+
+    @abstractmethod
     async def counts(self, queue: str) -> QueueCounts:
         """Runs of a queue by state."""
 

@@ -127,6 +127,11 @@ class SqliteStore(Store):
 
         return await self._engine.read(read)
 
+    async def active_run_ids(self) -> list[str]:
+        return await self._engine.read(
+            lambda c: [r[0] for r in c.execute("SELECT run_id FROM runs WHERE state != 2")]
+        )
+
     async def counts(self, queue: str) -> QueueCounts:
         def read(c: sqlite3.Connection) -> QueueCounts:
             by_state = {state: 0 for state in RunState}

@@ -1,0 +1,159 @@
+"""The Jupyter server extension: configuration, start and stop of the queue host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Enum, Float, Int, Type, Unicode, default
+
+from .. import __version__
+from ..blobs.base import BlobStore
+from ..blobs.local import LocalBlobStore
+from ..datadir import DataDir, acquire
+from ..logs import LogStore
+from ..service import QueueService, ServiceConfig
+from ..store.base import Store
+from ..store.sqlite import SqliteStore
+
+SECRET_NAME = "secret"
+
+
+def default_data_dir() -> Path:
+    """Where a host keeps its state unless configured otherwise."""
+    return Path(jupyter_data_dir()) / "compute-queue"
+
+
+def host_secret(data_dir: Path) -> bytes:
+    """The host's secret for worker tokens, created on first use (readable by its owner only)."""
+    path = data_dir / SECRET_NAME
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value.hex() + "\n")
+    return value
+
+
+class ComputeQueueApp(ExtensionApp):
+    """Public compute queues, hosted by this Jupyter server under ``{base_url}compute-queue/``."""
+
+    name = "jupyter_compute_queue"
+    app_name = "jupyter-compute-queue"
+    version = __version__
+    description = __doc__
+    load_other_extensions = True
+
+    data_dir = Unicode(
+        "",
+        help="Folder for the queue state (SQLite), logs and local blobs. Default: "
+        "<Jupyter data dir>/compute-queue. A second server finds it in use and takes <dir>-2.",
+    ).tag(config=True)
+    public = Bool(
+        False,
+        help="Open every queue but 'local' to callers without Jupyter credentials: the queue "
+        "name is the secret. Off by default.",
+    ).tag(config=True)
+    public_url = Unicode(
+        "",
+        help="The URL people use to reach this server (with its base URL), for links in answers"
+        " and on job pages. Default: the URL of each request.",
+    ).tag(config=True)
+    cache_scope = Enum(
+        ["queue", "host"],
+        "queue",
+        help="Where a finished result is reused: in the same queue only, or ('host') in any "
+        "queue of a private host. Public queues never see another queue's results.",
+    ).tag(config=True)
+    lease_seconds = Float(30.0, help="How long a worker's lease lasts without a heartbeat.").tag(
+        config=True
+    )
+    max_lost = Int(3, help="A run whose worker is lost this many times finishes WorkerLost.").tag(
+        config=True
+    )
+    retention_days = Float(
+        30.0, help="Finished runs, their logs and results are deleted this long after last use."
+    ).tag(config=True)
+    max_log_bytes = Int(
+        16 * 1024 * 1024, help="Log bytes kept per run (the head and a rolling tail)."
+    ).tag(config=True)
+    max_definition_bytes = Int(
+        4 * 1024 * 1024, help="The largest job definition accepted (bigger inputs go as blobs)."
+    ).tag(config=True)
+    max_blob_bytes = Int(10 * 1024**3, help="The largest blob accepted by PUT f/{key}.").tag(
+        config=True
+    )
+    store_class = Type(SqliteStore, klass=Store, help="The store of jobs, runs and leases.").tag(
+        config=True
+    )
+    blob_store_class = Type(
+        LocalBlobStore, klass=BlobStore, help="The blob store (local disk, or S3)."
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _default_data_dir(self) -> str:
+        return str(default_data_dir())
+
+    def initialize_settings(self) -> None:
+        """Own the data dir and build the service; it opens on the first request or at start."""
+        self._owned: DataDir = acquire(Path(self.data_dir).expanduser())
+        root = self._owned.path
+        self.secret = host_secret(root)
+        self.service = QueueService(
+            self.store_class(root / "state.sqlite"),
+            LogStore(root / "logs", max_bytes=self.max_log_bytes),
+            self.blob_store_class(root / "blobs"),
+            ServiceConfig(
+                lease_seconds=self.lease_seconds,
+                max_lost=self.max_lost,
+                retention_days=self.retention_days,
+                cache_scope=self.cache_scope,
+                max_definition_bytes=self.max_definition_bytes,
+                public=self.public,
+            ),
+        )
+        self._started: asyncio.Task[None] | None = None
+        self.settings["compute_queue"] = self
+        self.log.info("compute-queue: state in %s%s", root, " (public mode)" if self.public else "")
+
+    def initialize_handlers(self) -> None:
+        from .handlers import routes
+
+        self.handlers.extend(routes())
+
+    async def ready(self) -> QueueService:
+        """The started service (started once, by whichever comes first: a request or start)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+        return self.service
+
+    async def _start(self) -> None:
+        await self.service.store.open()
+        await self.service.start()
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        await self.ready()
+
+    async def stop_extension(self) -> None:
+        """Stop the sweepers, close the store, release the data dir."""
+        if self._started is not None:
+            await asyncio.shield(self._started)
+            await self.service.stop()
+            await self.service.store.close()
+            await self.service.blobs.close()
+        self.service.logs.close()
+        self._owned.release()
+
+    def current_activity(self) -> bool:
+        """True while runs are queued or running, so an idle culler leaves the server up."""
+        return self.service.active_runs > 0

@@ -1,0 +1,370 @@
+"""The REST routes of SPEC §7: thin handlers over the queue service."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import posixpath
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from tornado import web
+
+from ..access import Action
+from ..blobs.base import BlobWriter, check_key
+from ..jobs import canonical_json
+from ..runs import RunRecord
+from .base import BaseHandler, allow_unauthenticated
+from .files import attachment_headers, stream_zip
+
+API = r"/compute-queue"
+_cleanups: set[asyncio.Future[None]] = set()  # aborts in flight, kept from the collector
+QUEUE = r"(?P<queue>[^/]+)"
+JOB = rf"(?:q/{QUEUE}/)?j/(?P<job>[^/]+)"  # a job in one queue, or in any the caller may see
+
+
+class HealthHandler(BaseHandler):
+    """Liveness: never needs credentials, reveals nothing."""
+
+    @allow_unauthenticated
+    def get(self) -> None:
+        self.send_json({"ok": True})
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        """No identity, no service: liveness must answer even while the store opens."""
+
+
+@web.stream_request_body
+class BlobHandler(BaseHandler):
+    """``PUT f/{key}`` streams a blob to the store; ``GET``/``HEAD`` read it."""
+
+    _writer: BlobWriter | None = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.request.method != "PUT":
+            return
+        # Authorised and checked before a byte of the body is read.
+        self.service.check(self.identity, Action.BLOB_WRITE, None)
+        key = check_key(self.path_kwargs["key"])
+        limit = self.cq.max_blob_bytes
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise web.HTTPError(413, f"blob of {length} bytes is over the limit of {limit}")
+        self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
+        self._writer = await self.service.blobs.open_writer(key, max_bytes=limit)
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._writer is not None:
+            await self._writer.write(chunk)
+
+    @allow_unauthenticated
+    async def put(self, key: str) -> None:
+        assert self._writer is not None
+        info = await self._writer.commit()
+        self.send_json({"key": info.key, "size": info.size}, status=201)
+
+    @allow_unauthenticated
+    async def get(self, key: str) -> None:
+        await self._send(key, head=False)
+
+    @allow_unauthenticated
+    async def head(self, key: str) -> None:
+        await self._send(key, head=True)
+
+    async def _send(self, key: str, head: bool) -> None:
+        self.service.check(self.identity, Action.BLOB_READ, None)
+        info = await self.service.blobs.stat(check_key(key))
+        if info is None:
+            raise web.HTTPError(404, f"no blob {key} on this host")
+        self.set_header("Content-Length", str(info.size))
+        await send_blob(self, key, key, head=head)
+
+    def on_finish(self) -> None:
+        self._abort()
+
+    def on_connection_close(self) -> None:
+        self._abort()
+        super().on_connection_close()
+
+    def _abort(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            # Aborting removes the temporary file; after a commit it does nothing.
+            task = asyncio.ensure_future(writer.abort())
+            _cleanups.add(task)
+            task.add_done_callback(_cleanups.discard)
+
+
+class BlobExistsHandler(BaseHandler):
+    """``GET f/{key}/exists``: 200 or 404."""
+
+    @allow_unauthenticated
+    async def get(self, key: str) -> None:
+        self.service.check(self.identity, Action.BLOB_READ, None)
+        if not await self.service.blobs.exists(check_key(key)):
+            raise web.HTTPError(404, f"no blob {key} on this host")
+        self.send_json({"exists": True})
+
+
+class QueueHandler(BaseHandler):
+    """``POST q/{queue}`` submits; ``GET q/{queue}`` lists runs, newest first."""
+
+    @allow_unauthenticated
+    async def post(self, queue: str) -> None:
+        answer = await self.service.submit(self.identity, queue, self.json_body())
+        for item in answer if isinstance(answer, list) else [answer]:
+            item["url"] = self.public_base() + item["url"]
+        self.send_json(answer)
+
+    @allow_unauthenticated
+    async def get(self, queue: str) -> None:
+        limit = self.get_query_argument("limit", "50")
+        if not limit.isdigit():
+            raise web.HTTPError(400, f"limit: {limit!r} is not a whole number")
+        page = await self.service.list_runs(
+            self.identity,
+            queue,
+            states=self.get_query_arguments("state"),
+            namespace=self.get_query_argument("namespace", None),
+            cursor=self.get_query_argument("cursor", None),
+            limit=int(limit),
+        )
+        self.send_json({"runs": [r.wire() for r in page.runs], "cursor": page.cursor})
+
+
+class StatusHandler(BaseHandler):
+    """``GET q/{queue}/status``."""
+
+    @allow_unauthenticated
+    async def get(self, queue: str) -> None:
+        self.send_json(await self.service.status(self.identity, queue))
+
+
+class JobHandler(BaseHandler):
+    """``GET [q/{queue}/]j/{id}``: the job and its runs; ``DELETE q/{queue}/j/{id}`` forgets."""
+
+    @allow_unauthenticated
+    async def get(self, queue: str | None, job: str) -> None:
+        data = await self.service.get_job(self.identity, self.job_id(job), queue)
+        where = f"q/{queue}/" if queue else ""
+        data["url"] = f"{self.public_base()}{where}j/{job}"
+        self.send_json(data)
+
+    @allow_unauthenticated
+    async def delete(self, queue: str | None, job: str) -> None:
+        if queue is None:
+            raise web.HTTPError(405, "forget cached results with DELETE q/{queue}/j/{id}")
+        forgotten = await self.service.forget(self.identity, queue, self.job_id(job))
+        self.send_json({"jobId": job, "queue": queue, "forgotten": forgotten})
+
+
+class CancelHandler(BaseHandler):
+    """``POST [q/{queue}/]j/{id}/cancel[?namespace=]``."""
+
+    @allow_unauthenticated
+    async def post(self, queue: str | None, job: str) -> None:
+        namespace = self.get_query_argument("namespace", None)
+        changes = await self.service.cancel(self.identity, queue, self.job_id(job), namespace)
+        changed = any(c.changed for c in changes)
+        if changed:
+            message = "cancelled" if namespace is None else f"{namespace} let go of the run"
+        else:
+            reasons = ", ".join(
+                f"{c.record.queue}: {c.record.reason.value if c.record.reason else 'unfinished'}"
+                for c in changes
+            )
+            message = f"nothing to cancel ({reasons})"
+        self.send_json(
+            {"changed": changed, "message": message, "runs": [c.record.wire() for c in changes]}
+        )
+
+
+class CopyHandler(BaseHandler):
+    """``POST j/{id}/copy`` with ``{"queue"}``: submit the same definition elsewhere."""
+
+    @allow_unauthenticated
+    async def post(self, job: str) -> None:
+        body = self.json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("queue"), str):
+            raise web.HTTPError(400, 'queue: send {"queue": "<target queue>"}')
+        namespace = body.get("namespace")
+        if namespace is not None and not isinstance(namespace, str):
+            raise web.HTTPError(400, "namespace: must be a string")
+        answer = await self.service.copy(self.identity, self.job_id(job), body["queue"], namespace)
+        answer["url"] = self.public_base() + answer["url"]
+        self.send_json(answer)
+
+
+class JobPartHandler(BaseHandler):
+    """``definition.json``, ``result.json``, ``namespaces.json`` and ``logs`` of a job."""
+
+    @allow_unauthenticated
+    async def get(self, queue: str | None, job: str, part: str) -> None:
+        job = self.job_id(job)
+        if part == "definition.json":
+            data = await self.service.get_job(self.identity, job, queue)
+            self.send_json(data["definition"])
+            return
+        record = await self._run(queue, job)
+        if part == "result.json":
+            self.send_json(record.wire())
+        elif part == "namespaces.json":
+            self.send_json(record.namespaces)
+        else:
+            await self._logs(record)
+
+    async def _run(self, queue: str | None, job: str) -> RunRecord:
+        run_id = self.get_query_argument("run", None)
+        data = await self.service.get_job(self.identity, job, queue)
+        for run in data["runs"]:
+            if run_id is None or run["runId"] == run_id:
+                return RunRecord.model_validate(run)
+        raise web.HTTPError(404, f"job {job} has no run {run_id}")
+
+    async def _logs(self, record: RunRecord) -> None:
+        since_arg = self.get_query_argument("since", "0")
+        if not since_arg.isdigit():
+            raise web.HTTPError(400, f"since: {since_arg!r} is not a byte offset")
+        since = int(since_arg)
+        fmt = self.get_query_argument("format", "text")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+        self.set_header("X-Log-Bytes", str(self.service.logs.size(record.run_id)))
+        logs = self.service.logs
+        if fmt == "jsonl":
+            self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
+            while True:
+                records = await asyncio.to_thread(
+                    logs.read_records, record.run_id, since, 256 * 1024
+                )
+                if not records:
+                    break
+                self.write(b"".join(canonical_json(r.to_json()) + b"\n" for r in records))
+                await self.flush()
+                since = records[-1].end
+        elif fmt == "text":
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            chunks = logs.iter_text(record.run_id, since)
+            while (text := await asyncio.to_thread(next, chunks, None)) is not None:
+                self.write(text.encode())
+                await self.flush()
+        else:
+            raise web.HTTPError(400, f"format: {fmt!r} is not 'text' or 'jsonl'")
+        self.finish()
+
+
+class JobFileHandler(BaseHandler):
+    """``inputs/{path}`` and ``outputs/{path}`` of a job, as attachments."""
+
+    @allow_unauthenticated
+    async def get(self, queue: str | None, job: str, kind: str, path: str) -> None:
+        data = await self.service.get_job(self.identity, self.job_id(job), queue)
+        if kind == "outputs":
+            record = _with_outputs(data["runs"])
+            output = record.outputs.get(path) if record else None
+            if output is None:
+                raise web.HTTPError(404, f"job {job} has no output {path!r}")
+            await send_blob(self, output.key, path)
+            return
+        definition = data["definition"] or {}
+        ref = definition.get("inputs", {}).get(path) or definition.get("configFiles", {}).get(path)
+        if ref is None:
+            raise web.HTTPError(404, f"job {job} has no input {path!r}")
+        kind_, value = ref["type"], ref["value"]
+        if kind_ == "url":
+            self.redirect(value, status=307)
+            return
+        if kind_ == "key":
+            await send_blob(self, value, path)
+            return
+        content: bytes = (
+            value.encode()
+            if kind_ == "utf8"
+            else base64.b64decode(value + "=" * (-len(value) % 4))
+            if kind_ == "base64"
+            else canonical_json(value)
+        )
+        for name, header in attachment_headers(path).items():
+            self.set_header(name, header)
+        self.finish(content)
+
+
+class OutputsZipHandler(BaseHandler):
+    """``outputs.zip``: every output of the job's newest finished run, streamed."""
+
+    @allow_unauthenticated
+    async def get(self, queue: str | None, job: str) -> None:
+        data = await self.service.get_job(self.identity, self.job_id(job), queue)
+        record = _with_outputs(data["runs"])
+        if record is None:
+            raise web.HTTPError(404, f"job {job} has no finished run")
+        blobs = self.service.blobs
+        members: list[tuple[str, Callable[[], AsyncIterator[bytes]]]] = [
+            (name, (lambda key=out.key: blobs.read(key)))  # type: ignore[misc]
+            for name, out in sorted(record.outputs.items())
+        ]
+        for name, header in attachment_headers(
+            f"{job[:12]}-outputs.zip", "application/zip"
+        ).items():
+            self.set_header(name, header)
+
+        async def send(data: bytes) -> None:
+            self.write(data)
+            await self.flush()
+
+        await stream_zip(members, send)
+        self.finish()
+
+
+class NoRouteHandler(BaseHandler):
+    """Anything else under ``compute-queue/``: a JSON 404 instead of an HTML page."""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        raise web.HTTPError(404, f"no route {self.request.path!r}; see docs/openapi.yaml")
+
+
+def _with_outputs(runs: list[dict[str, Any]]) -> RunRecord | None:
+    """The newest finished run (its outputs are the job's current ones)."""
+    for run in runs:
+        if run["state"] == "Finished":
+            return RunRecord.model_validate(run)
+    return None
+
+
+async def send_blob(handler: BaseHandler, key: str, filename: str, head: bool = False) -> None:
+    """Stream a blob as an attachment named ``filename`` (or redirect to a presigned URL)."""
+    blobs = handler.service.blobs
+    headers = attachment_headers(posixpath.basename(filename))
+    url = await blobs.download_url(key, posixpath.basename(filename), headers["Content-Type"])
+    if url is not None:
+        handler.redirect(url, status=307)
+        return
+    for name, value in headers.items():
+        handler.set_header(name, value)
+    if not head:
+        async for chunk in blobs.read(key):
+            handler.write(chunk)
+            await handler.flush()
+    handler.finish()
+
+
+def routes() -> list[tuple[str, type[BaseHandler]]]:
+    """Every route of the API, most specific first."""
+    return [
+        (rf"{API}/healthz", HealthHandler),
+        (rf"{API}/f/(?P<key>[^/]+)/exists", BlobExistsHandler),
+        (rf"{API}/f/(?P<key>[^/]+)", BlobHandler),
+        (rf"{API}/q/{QUEUE}/status", StatusHandler),
+        (rf"{API}/q/{QUEUE}(?:/j)?", QueueHandler),
+        (rf"{API}/j/(?P<job>[^/]+)/copy", CopyHandler),
+        (rf"{API}/{JOB}/cancel", CancelHandler),
+        (rf"{API}/{JOB}/outputs\.zip", OutputsZipHandler),
+        (rf"{API}/{JOB}/(?P<kind>inputs|outputs)/(?P<path>.+)", JobFileHandler),
+        (
+            rf"{API}/{JOB}/(?P<part>definition\.json|result\.json|namespaces\.json|logs)",
+            JobPartHandler,
+        ),
+        (rf"{API}/{JOB}", JobHandler),
+        (rf"{API}(?:/.*)?", NoRouteHandler),
+    ]
