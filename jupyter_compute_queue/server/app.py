@@ -52,6 +52,8 @@ class ComputeQueueApp(ExtensionApp):
     version = __version__
     description = __doc__
     load_other_extensions = True
+    #: Set by ``jupyter compute-queue serve``: print the host's URL once it is up.
+    serve_mode = False
 
     data_dir = Unicode(
         "",
@@ -143,6 +145,12 @@ class ComputeQueueApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ready()
+        if self.serve_mode:
+            url = serverapp.connection_url.rstrip("/") + "/compute-queue/"
+            token = serverapp.identity_provider.token
+            print(f"compute-queue host: {url}", flush=True)
+            if token:
+                print(f"token: {token}", flush=True)
 
     async def stop_extension(self) -> None:
         """Stop the sweepers, close the store, release the data dir."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import posixpath
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,8 +20,6 @@ from .files import attachment_headers, stream_zip
 
 API = r"/compute-queue"
 _cleanups: set[asyncio.Future[None]] = set()  # aborts in flight, kept from the collector
-QUEUE = r"(?P<queue>[^/]+)"
-JOB = rf"(?:q/{QUEUE}/)?j/(?P<job>[^/]+)"  # a job in one queue, or in any the caller may see
 
 
 class HealthHandler(BaseHandler):
@@ -142,19 +141,21 @@ class StatusHandler(BaseHandler):
 
 
 class JobHandler(BaseHandler):
-    """``GET [q/{queue}/]j/{id}``: the job and its runs; ``DELETE q/{queue}/j/{id}`` forgets."""
+    """``GET [q/{queue}/]j/{id}``: the job and its runs (in the queues the caller may see)."""
 
     @allow_unauthenticated
-    async def get(self, queue: str | None, job: str) -> None:
+    async def get(self, job: str, queue: str | None = None) -> None:
         data = await self.service.get_job(self.identity, self.job_id(job), queue)
         where = f"q/{queue}/" if queue else ""
         data["url"] = f"{self.public_base()}{where}j/{job}"
         self.send_json(data)
 
+
+class QueueJobHandler(JobHandler):
+    """``DELETE q/{queue}/j/{id}`` forgets the job's cached results in the queue."""
+
     @allow_unauthenticated
-    async def delete(self, queue: str | None, job: str) -> None:
-        if queue is None:
-            raise web.HTTPError(405, "forget cached results with DELETE q/{queue}/j/{id}")
+    async def delete(self, job: str, queue: str) -> None:
         forgotten = await self.service.forget(self.identity, queue, self.job_id(job))
         self.send_json({"jobId": job, "queue": queue, "forgotten": forgotten})
 
@@ -163,7 +164,7 @@ class CancelHandler(BaseHandler):
     """``POST [q/{queue}/]j/{id}/cancel[?namespace=]``."""
 
     @allow_unauthenticated
-    async def post(self, queue: str | None, job: str) -> None:
+    async def post(self, job: str, queue: str | None = None) -> None:
         namespace = self.get_query_argument("namespace", None)
         changes = await self.service.cancel(self.identity, queue, self.job_id(job), namespace)
         changed = any(c.changed for c in changes)
@@ -200,7 +201,7 @@ class JobPartHandler(BaseHandler):
     """``definition.json``, ``result.json``, ``namespaces.json`` and ``logs`` of a job."""
 
     @allow_unauthenticated
-    async def get(self, queue: str | None, job: str, part: str) -> None:
+    async def get(self, job: str, part: str, queue: str | None = None) -> None:
         job = self.job_id(job)
         if part == "definition.json":
             data = await self.service.get_job(self.identity, job, queue)
@@ -258,7 +259,7 @@ class JobFileHandler(BaseHandler):
     """``inputs/{path}`` and ``outputs/{path}`` of a job, as attachments."""
 
     @allow_unauthenticated
-    async def get(self, queue: str | None, job: str, kind: str, path: str) -> None:
+    async def get(self, job: str, kind: str, path: str, queue: str | None = None) -> None:
         data = await self.service.get_job(self.identity, self.job_id(job), queue)
         if kind == "outputs":
             record = _with_outputs(data["runs"])
@@ -294,7 +295,7 @@ class OutputsZipHandler(BaseHandler):
     """``outputs.zip``: every output of the job's newest finished run, streamed."""
 
     @allow_unauthenticated
-    async def get(self, queue: str | None, job: str) -> None:
+    async def get(self, job: str, queue: str | None = None) -> None:
         data = await self.service.get_job(self.identity, self.job_id(job), queue)
         record = _with_outputs(data["runs"])
         if record is None:
@@ -349,22 +350,51 @@ async def send_blob(handler: BaseHandler, key: str, filename: str, head: bool = 
     handler.finish()
 
 
+#: Every HTTP route as an OpenAPI path template (the source of both the server's URL patterns
+#: and the check against docs/openapi.yaml), most specific first.
+ROUTES: list[tuple[str, type[BaseHandler]]] = [
+    ("healthz", HealthHandler),
+    ("f/{key}/exists", BlobExistsHandler),
+    ("f/{key}", BlobHandler),
+    ("q/{queue}/status", StatusHandler),
+    ("q/{queue}", QueueHandler),
+    ("q/{queue}/j", QueueHandler),
+    ("j/{job}/copy", CopyHandler),
+    *[
+        (prefix + suffix, handler)
+        for prefix in ("q/{queue}/j/{job}", "j/{job}")
+        for suffix, handler in [
+            ("/cancel", CancelHandler),
+            ("/outputs.zip", OutputsZipHandler),
+            ("/{kind}/{path}", JobFileHandler),
+            ("/{part}", JobPartHandler),
+        ]
+    ],
+    ("q/{queue}/j/{job}", QueueJobHandler),
+    ("j/{job}", JobHandler),
+]
+
+#: The regular expression of each path parameter.
+PARAMETERS = {
+    "key": r"[^/]+",
+    "queue": r"[^/]+",
+    "job": r"[^/]+",
+    "kind": r"inputs|outputs",
+    "path": r".+",
+    "part": r"definition\.json|result\.json|namespaces\.json|logs",
+}
+
+
+def _pattern(template: str) -> str:
+    def parameter(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"(?P<{name}>{PARAMETERS[name]})"
+
+    return re.sub(
+        r"\{(\w+)\}", parameter, re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+    )
+
+
 def routes() -> list[tuple[str, type[BaseHandler]]]:
-    """Every route of the API, most specific first."""
-    return [
-        (rf"{API}/healthz", HealthHandler),
-        (rf"{API}/f/(?P<key>[^/]+)/exists", BlobExistsHandler),
-        (rf"{API}/f/(?P<key>[^/]+)", BlobHandler),
-        (rf"{API}/q/{QUEUE}/status", StatusHandler),
-        (rf"{API}/q/{QUEUE}(?:/j)?", QueueHandler),
-        (rf"{API}/j/(?P<job>[^/]+)/copy", CopyHandler),
-        (rf"{API}/{JOB}/cancel", CancelHandler),
-        (rf"{API}/{JOB}/outputs\.zip", OutputsZipHandler),
-        (rf"{API}/{JOB}/(?P<kind>inputs|outputs)/(?P<path>.+)", JobFileHandler),
-        (
-            rf"{API}/{JOB}/(?P<part>definition\.json|result\.json|namespaces\.json|logs)",
-            JobPartHandler,
-        ),
-        (rf"{API}/{JOB}", JobHandler),
-        (rf"{API}(?:/.*)?", NoRouteHandler),
-    ]
+    """The URL patterns of every route, under ``compute-queue/``, then a JSON 404 for the rest."""
+    return [(f"{API}/{_pattern(t)}", h) for t, h in ROUTES] + [(rf"{API}(?:/.*)?", NoRouteHandler)]
