@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
     """Run a Jupyter server with only the compute-queue extension."""
-    from .server.app import ComputeQueueApp, default_data_dir
+    from .datadir import default_data_dir
+    from .server.app import ComputeQueueApp
 
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     empty_root = data_dir / "empty-root"  # a queue host serves no notebook files
@@ -96,7 +97,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def queue_token(queue: str, data_dir: str | None) -> int:
     """Print ``QUEUE:TOKEN`` for a worker of ``queue``."""
-    from .server.app import default_data_dir, host_secret
+    from .datadir import default_data_dir, host_secret
 
     try:
         check_queue_name(queue)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from jupyter_core.paths import jupyter_data_dir
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "host.lock"
+SECRET_NAME = "secret"
 _NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph", "lustre"}
 
 
@@ -91,3 +95,34 @@ def filesystem_type(path: Path) -> str | None:
         if inside and len(mount) > len(best):
             best, best_type = mount, parts[2]
     return best_type
+
+
+def default_data_dir() -> Path:
+    """Where a host keeps its state unless configured otherwise."""
+    return Path(jupyter_data_dir()) / "compute-queue"
+
+
+def host_secret(data_dir: Path) -> bytes:
+    """The host's secret for worker tokens, created on first use (readable by its owner only)."""
+    path = data_dir / SECRET_NAME
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(32)
+    # Written under a temporary name and linked into place: a concurrent reader sees either no
+    # secret or a whole one, and of two writers the first wins.
+    tmp = data_dir / f".{SECRET_NAME}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value.hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink()
+    return value

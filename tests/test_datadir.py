@@ -49,3 +49,12 @@ def test_filesystem_type_of_a_local_folder(tmp_path: Path) -> None:
     if not Path("/proc/mounts").exists():
         pytest.skip("no /proc/mounts on this system")
     assert filesystem_type(tmp_path) not in (None, "nfs", "nfs4", "cifs")
+
+
+def test_host_secret_is_made_once_and_private(tmp_path: Path) -> None:
+    from jupyter_compute_queue.datadir import host_secret
+
+    first = host_secret(tmp_path / "d")
+    assert len(first) == 32 and host_secret(tmp_path / "d") == first
+    assert ((tmp_path / "d" / "secret").stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["secret"]

@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, Type, Unicode, default
 
 from .. import __version__
 from ..blobs.base import BlobStore
 from ..blobs.local import LocalBlobStore
-from ..datadir import DataDir, acquire
+from ..datadir import DataDir, acquire, default_data_dir, host_secret
 from ..logs import LogStore
 from ..service import QueueService, ServiceConfig
 from ..store.base import Store
 from ..store.sqlite import SqliteStore
-
-SECRET_NAME = "secret"
-
-
-def default_data_dir() -> Path:
-    """Where a host keeps its state unless configured otherwise."""
-    return Path(jupyter_data_dir()) / "compute-queue"
-
-
-def host_secret(data_dir: Path) -> bytes:
-    """The host's secret for worker tokens, created on first use (readable by its owner only)."""
-    path = data_dir / SECRET_NAME
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value.hex() + "\n")
-    return value
 
 
 class ComputeQueueApp(ExtensionApp):

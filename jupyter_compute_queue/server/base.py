@@ -92,6 +92,14 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
         except (UnicodeDecodeError, ValueError) as exc:
             raise web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
 
+    def finish(self, *args: Any, **kwargs: Any) -> Any:
+        # Jupyter's API handlers declare every answer JSON; files and logs declare their own
+        # type. Tornado's default (text/html) is never ours: it means "nobody set one".
+        declared = str(self._headers.get("Content-Type", ""))
+        if declared and not declared.startswith("text/html"):
+            kwargs.setdefault("set_content_type", declared)
+        return super().finish(*args, **kwargs)
+
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")

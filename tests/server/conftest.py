@@ -29,6 +29,7 @@ async def jp_asyncio_loop() -> asyncio.AbstractEventLoop:
     """The loop the test runs on; pytest-jupyter's fixtures start the server on it."""
     return asyncio.get_running_loop()
 
+
 BASE_URL = "/cq-base/"
 
 Fetch = Callable[..., Awaitable[HTTPResponse]]
