@@ -136,6 +136,7 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
             else:
                 message = f"internal error ({type(exc).__name__}); the server log has details"
         if status_code == 401:
+            self.set_header("WWW-Authenticate", 'token realm="compute-queue"')
             message += "; send a Jupyter token (Authorization: token …) or log in"
         self.clear_header("Content-Disposition")
         self.set_header("Content-Type", "application/json")
@@ -150,9 +151,7 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
 
     def _status_for(self, exc: BaseException) -> int | None:
         if isinstance(exc, Forbidden) and self.identity == ANONYMOUS:
-            # Nobody said who they are: ask for credentials rather than refuse.
-            self.set_header("WWW-Authenticate", 'token realm="compute-queue"')
-            return 401
+            return 401  # nobody said who they are: ask for credentials rather than refuse
         if isinstance(exc, ServiceError):
             return exc.status
         for kind, status in _STATUS:

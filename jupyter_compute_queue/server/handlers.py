@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import posixpath
 import re
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +12,7 @@ from tornado import web
 
 from ..access import Action
 from ..blobs.base import BlobWriter, check_key
-from ..jobs import canonical_json
+from ..jobs import DataRef, canonical_json
 from ..runs import RunRecord
 from .base import BaseHandler, allow_unauthenticated
 from .files import attachment_headers, stream_zip
@@ -50,6 +49,10 @@ class BlobHandler(BaseHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise web.HTTPError(413, f"blob of {length} bytes is over the limit of {limit}")
+        url = await self.service.blobs.upload_url(key)
+        if url is not None:  # the store takes uploads itself (a presigned S3 URL)
+            self.redirect(url, status=307)
+            return
         self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
         self._writer = await self.service.blobs.open_writer(key, max_bytes=limit)
 
@@ -59,6 +62,8 @@ class BlobHandler(BaseHandler):
 
     @allow_unauthenticated
     async def put(self, key: str) -> None:
+        if self._finished:  # redirected in prepare
+            return
         assert self._writer is not None
         info = await self._writer.commit()
         self.send_json({"key": info.key, "size": info.size}, status=201)
@@ -262,7 +267,7 @@ class JobFileHandler(BaseHandler):
     async def get(self, job: str, kind: str, path: str, queue: str | None = None) -> None:
         data = await self.service.get_job(self.identity, self.job_id(job), queue)
         if kind == "outputs":
-            record = _with_outputs(data["runs"])
+            record = _with_outputs(data["runs"], self.get_query_argument("run", None))
             output = record.outputs.get(path) if record else None
             if output is None:
                 raise web.HTTPError(404, f"job {job} has no output {path!r}")
@@ -272,20 +277,13 @@ class JobFileHandler(BaseHandler):
         ref = definition.get("inputs", {}).get(path) or definition.get("configFiles", {}).get(path)
         if ref is None:
             raise web.HTTPError(404, f"job {job} has no input {path!r}")
-        kind_, value = ref["type"], ref["value"]
-        if kind_ == "url":
-            self.redirect(value, status=307)
+        if ref["type"] == "url":
+            self.redirect(ref["value"], status=307)
             return
-        if kind_ == "key":
-            await send_blob(self, value, path)
+        if ref["type"] == "key":
+            await send_blob(self, ref["value"], path)
             return
-        content: bytes = (
-            value.encode()
-            if kind_ == "utf8"
-            else base64.b64decode(value + "=" * (-len(value) % 4))
-            if kind_ == "base64"
-            else canonical_json(value)
-        )
+        content = DataRef.model_validate(ref).inline_bytes() or b""
         for name, header in attachment_headers(path).items():
             self.set_header(name, header)
         self.finish(content)
@@ -297,7 +295,7 @@ class OutputsZipHandler(BaseHandler):
     @allow_unauthenticated
     async def get(self, job: str, queue: str | None = None) -> None:
         data = await self.service.get_job(self.identity, self.job_id(job), queue)
-        record = _with_outputs(data["runs"])
+        record = _with_outputs(data["runs"], self.get_query_argument("run", None))
         if record is None:
             raise web.HTTPError(404, f"job {job} has no finished run")
         blobs = self.service.blobs
@@ -325,12 +323,16 @@ class NoRouteHandler(BaseHandler):
         raise web.HTTPError(404, f"no route {self.request.path!r}; see docs/openapi.yaml")
 
 
-def _with_outputs(runs: list[dict[str, Any]]) -> RunRecord | None:
-    """The newest finished run (its outputs are the job's current ones)."""
-    for run in runs:
-        if run["state"] == "Finished":
-            return RunRecord.model_validate(run)
-    return None
+def _with_outputs(runs: list[dict[str, Any]], run_id: str | None) -> RunRecord | None:
+    """Whose outputs a job's ``outputs/`` routes serve: the run asked for, else the newest
+    Success (the result a submission reuses), else the newest finished run."""
+    finished = [r for r in runs if r["state"] == "Finished"]
+    if run_id is not None:
+        finished = [r for r in finished if r["runId"] == run_id]
+    chosen = next((r for r in finished if r["reason"] == "Success"), None) or next(
+        iter(finished), None
+    )
+    return None if chosen is None else RunRecord.model_validate(chosen)
 
 
 async def send_blob(handler: BaseHandler, key: str, filename: str, head: bool = False) -> None:

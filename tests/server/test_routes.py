@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -208,3 +210,51 @@ async def test_cancel_forget_copy_status_and_listing(fetch: Fetch, service: Queu
     assert {r["state"] for r in page["runs"]} == {"Finished"}
     r = await fetch("q", "q", params={"state": "Lost"})
     assert r.code == 400
+
+
+@pytest.mark.parametrize("cq_config", [{"lease_seconds": 0.6}])
+async def test_sweeper_runs_in_the_server_and_activity_is_reported(
+    fetch: Fetch, service: QueueService, jp_serverapp: Any
+) -> None:
+    app = jp_serverapp.web_app.settings["compute_queue"]
+    assert app.current_activity() is False
+    job = body(await fetch("q", "q", method="POST", json=JOB))["jobId"]
+    assert app.current_activity() is True
+    worker = ScriptedWorker(WorkerInfo("silent", ("q",), Capacity(1)))
+    await service.connect_worker(USER, worker.info, [], worker.deliver, worker.stop)
+    await service.report_free("silent", worker.info.capacity)
+    assert body(await fetch("q", "q", "j", job, "result.json"))["state"] == "Running"
+    # The worker never heart-beats: the server's own lease sweeper must requeue the run.
+    deadline = asyncio.get_running_loop().time() + 15
+    while body(await fetch("q", "q", "j", job, "result.json"))["state"] != "Queued":
+        assert asyncio.get_running_loop().time() < deadline, "the lease sweeper did not run"
+        await asyncio.sleep(0.05)
+    await fetch("q", "q", "j", job, "cancel", method="POST", body=b"")
+    assert app.current_activity() is False
+
+
+async def test_base64_inputs_in_either_alphabet(fetch: Fetch) -> None:
+    data = bytes(range(250, 256)) * 3  # '+' and '/' in one alphabet, '-' and '_' in the other
+    definition = {
+        "image": "x",
+        "inputs": {
+            "std.bin": {"type": "base64", "value": base64.b64encode(data).decode()},
+            "url.bin": {"type": "base64", "value": base64.urlsafe_b64encode(data).decode()},
+        },
+    }
+    job = body(await fetch("q", "q", method="POST", json=definition))["jobId"]
+    for name in ("std.bin", "url.bin"):
+        r = await fetch("j", job, "inputs", name)
+        assert r.code == 200 and r.body == data, name
+
+
+async def test_outputs_survive_a_cancelled_rerun(fetch: Fetch, service: QueueService) -> None:
+    job = body(await fetch("q", "q", method="POST", json=JOB))["jobId"]
+    run_id = await run_to_end(service, {"out.txt": b"first result"})
+    rerun = body(await fetch("q", "q", method="POST", json={"definition": JOB, "rerun": True}))
+    await fetch("q", "q", "j", job, "cancel", method="POST", body=b"")
+    assert rerun["runId"] != run_id
+    r = await fetch("q", "q", "j", job, "outputs", "out.txt")
+    assert r.code == 200 and r.body == b"first result"
+    r = await fetch("q", "q", "j", job, "outputs", "out.txt", params={"run": rerun["runId"]})
+    assert r.code == 404
