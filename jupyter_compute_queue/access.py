@@ -100,6 +100,11 @@ class AccessPolicy:
     def __init__(self, *, public: bool = False) -> None:
         self.public = public
 
+    def may_read_some_queue(self, identity: Identity) -> bool:
+        """Whether any queue's jobs could be visible to this caller (else a global lookup
+        is refused outright rather than answered "not found")."""
+        return identity.kind == "user" or self.public
+
     def is_private(self, queue: str) -> bool:
         """A private queue needs Jupyter credentials; in public mode only ``local`` is."""
         return not self.public or queue == LOCAL_QUEUE
@@ -111,7 +116,10 @@ class AccessPolicy:
         if identity.kind == "worker":
             if action in (Action.BLOB_READ, Action.BLOB_WRITE):
                 return True  # a worker reads its inputs and stores its outputs
-            return action is Action.WORK and queue in identity.queues
+            if action is Action.WORK:
+                return queue in identity.queues
+            # Otherwise a worker credential opens no more, and no less, than none at all.
+            return self.allowed(ANONYMOUS, action, queue)
         # Anonymous: only in public mode, never on a private queue, never as a worker.
         if not self.public or action is Action.WORK:
             return False

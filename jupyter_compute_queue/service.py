@@ -160,6 +160,13 @@ class QueueService:
             where = f" on queue {queue!r}" if queue else ""
             raise Forbidden(f"{_who(identity)} may not {action.value}{where}")
 
+    def _check_lookup(self, identity: Identity, action: Action, queue: str | None) -> None:
+        """A lookup in one queue needs that queue; a global one needs some visible queue."""
+        if queue is not None:
+            self.check(identity, action, queue)
+        elif not self.policy.may_read_some_queue(identity):
+            raise Forbidden(f"{_who(identity)} may not {action.value} jobs on this host")
+
     def visible(self, identity: Identity, queue: str) -> bool:
         """Whether the caller may see a queue's runs."""
         return self.policy.allowed(identity, Action.READ, queue)
@@ -258,8 +265,7 @@ class QueueService:
         self, identity: Identity, job: str, queue: str | None = None
     ) -> dict[str, Any]:
         """``{"jobId", "definition", "runs"}`` with the runs of the queues the caller may see."""
-        if queue is not None:
-            self.check(identity, Action.READ, queue)
+        self._check_lookup(identity, Action.READ, queue)
         runs = await self.store.job_runs(job, None if queue is None else [queue])
         runs = [r for r in runs if self.visible(identity, r.queue)]
         if not runs:
@@ -345,8 +351,8 @@ class QueueService:
                 check_namespace(namespace)
             except ValueError as exc:
                 raise BadRequest(f"namespace: {exc}") from None
+        self._check_lookup(identity, Action.CANCEL, queue)
         if queue is not None:
-            self.check(identity, Action.CANCEL, queue)
             queues = [queue]
         else:
             runs = await self.store.job_runs(job)

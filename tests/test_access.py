@@ -44,6 +44,9 @@ TABLE = [
     *[(pub, WORKER_Q, Action.WORK, "q", True) for pub in (False, True)],
     *[(pub, WORKER_Q, Action.WORK, "other", False) for pub in (False, True)],
     *[(False, WORKER_Q, a, "q", False) for a in QUEUE_ACTIONS],
+    # In public mode it opens what no credentials open: never less.
+    *[(True, WORKER_Q, a, "q", True) for a in QUEUE_ACTIONS],
+    *[(True, WORKER_Q, a, "local", False) for a in QUEUE_ACTIONS],
     *[(False, WORKER_Q, a, None, True) for a in BLOBS],
 ]
 
@@ -53,6 +56,13 @@ def test_policy_table(
     public: bool, identity: Identity, action: Action, queue: str | None, expected: bool
 ) -> None:
     assert AccessPolicy(public=public).allowed(identity, action, queue) is expected
+
+
+def test_global_lookups() -> None:
+    assert AccessPolicy(public=False).may_read_some_queue(USER)
+    assert not AccessPolicy(public=False).may_read_some_queue(ANONYMOUS)
+    assert not AccessPolicy(public=False).may_read_some_queue(WORKER_Q)
+    assert AccessPolicy(public=True).may_read_some_queue(ANONYMOUS)
 
 
 def test_private_queues() -> None:
