@@ -11,7 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.decorator import allow_unauthenticated
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
@@ -39,20 +39,29 @@ _STATUS = [
 ]
 
 
-class BaseHandler(ExtensionHandlerMixin, APIHandler):
-    """A compute-queue route. Subclasses mark their verbs ``@allow_unauthenticated``: this base
-    decides, since in public mode some callers rightly have no Jupyter credentials."""
+if TYPE_CHECKING:
+    _Handler = JupyterHandler
+else:
+    _Handler = object
+
+
+class CallerMixin(_Handler):
+    """Who is calling, and errors as ``{"error": …}``: shared by routes and websockets.
+
+    Verbs are marked ``@allow_unauthenticated``: this mixin decides, since in public mode some
+    callers rightly have no Jupyter credentials.
+    """
 
     identity: Identity = ANONYMOUS
+    service: QueueService
 
     @property
     def cq(self) -> ComputeQueueApp:
         return self.settings["compute_queue"]  # type: ignore[no-any-return]
 
-    async def prepare(self) -> None:  # type: ignore[override]
-        # Jupyter's own prepare resolves the user and checks XSRF (see check_xsrf_cookie).
-        await super().prepare()
-        self.service: QueueService = await self.cq.ready()
+    async def resolve_caller(self) -> None:
+        """Start the service if need be, and establish the identity of the caller."""
+        self.service = await self.cq.ready()
         self.identity = self._identity()
 
     def _identity(self) -> Identity:
@@ -76,40 +85,6 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
             return value.strip()
         return self.get_query_argument("token", "") or ""
 
-    def check_xsrf_cookie(self) -> None:
-        """A request without cookies carries no ambient credential to forge: it is anonymous
-        (or token-authenticated) and skips the XSRF check; one with cookies is checked."""
-        if not self.request.headers.get("Cookie"):
-            return
-        super().check_xsrf_cookie()
-
-    # --- input and output -------------------------------------------------------------------
-
-    def json_body(self) -> Any:
-        """The request body as JSON; a 400 naming the problem otherwise."""
-        try:
-            return json.loads(self.request.body or b"null")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
-
-    def finish(self, *args: Any, **kwargs: Any) -> Any:
-        # Jupyter's API handlers declare every answer JSON; files and logs declare their own
-        # type. Tornado's default (text/html) is never ours: it means "nobody set one".
-        declared = str(self._headers.get("Content-Type", ""))
-        if declared and not declared.startswith("text/html"):
-            kwargs.setdefault("set_content_type", declared)
-        return super().finish(*args, **kwargs)
-
-    def send_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data, ensure_ascii=False))
-
-    def job_id(self, value: str) -> str:
-        if not JOB_ID_RE.match(value):
-            raise web.HTTPError(400, f"job id {value!r} is not 64 lowercase hex characters")
-        return value
-
     def public_base(self) -> str:
         """The URL of the compute-queue API as people reach it, ending in a slash."""
         configured = self.cq.public_url
@@ -118,6 +93,13 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
         else:
             root = f"{self.request.protocol}://{self.request.host}{self.base_url}"
         return root + "compute-queue/"
+
+    def check_xsrf_cookie(self) -> None:
+        """A request without cookies carries no ambient credential to forge: it is anonymous
+        (or token-authenticated) and skips the XSRF check; one with cookies is checked."""
+        if not self.request.headers.get("Cookie"):
+            return
+        super().check_xsrf_cookie()
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -158,3 +140,39 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
             if isinstance(exc, kind):
                 return status
         return None
+
+
+class BaseHandler(CallerMixin, ExtensionHandlerMixin, APIHandler):
+    """A compute-queue REST route."""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        # Jupyter's own prepare resolves the user and checks XSRF (see check_xsrf_cookie).
+        await super().prepare()
+        await self.resolve_caller()
+
+    # --- input and output -------------------------------------------------------------------
+
+    def json_body(self) -> Any:
+        """The request body as JSON; a 400 naming the problem otherwise."""
+        try:
+            return json.loads(self.request.body or b"null")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
+
+    def finish(self, *args: Any, **kwargs: Any) -> Any:
+        # Jupyter's API handlers declare every answer JSON; files and logs declare their own
+        # type. Tornado's default (text/html) is never ours: it means "nobody set one".
+        declared = str(self._headers.get("Content-Type", ""))
+        if declared and not declared.startswith("text/html"):
+            kwargs.setdefault("set_content_type", declared)
+        return super().finish(*args, **kwargs)
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, ensure_ascii=False))
+
+    def job_id(self, value: str) -> str:
+        if not JOB_ID_RE.match(value):
+            raise web.HTTPError(400, f"job id {value!r} is not 64 lowercase hex characters")
+        return value
