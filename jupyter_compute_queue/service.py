@@ -92,6 +92,9 @@ class WorkerSession:
     deliver: Deliver
     stop: Stop
     free: Capacity
+    #: The connection this session belongs to: a late close of an older connection of the
+    #: same worker must not end the newer one.
+    owner: object = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -403,6 +406,7 @@ class QueueService:
         held: Sequence[Held],
         deliver: Deliver,
         stop: Stop,
+        owner: object = None,
     ) -> list[Held]:
         """Register a connected worker; returns the runs it may keep (it stops the others)."""
         if not info.queues:
@@ -421,25 +425,35 @@ class QueueService:
             if run is not None:
                 self._fences[kept.run_id] = (kept.fence, info.worker_id, run.queue)
         # Nothing is assigned until the worker says what it has free: it knows what it runs.
-        self._sessions[info.worker_id] = WorkerSession(info, deliver, stop, Capacity(0, 0, 0))
+        self._sessions[info.worker_id] = WorkerSession(
+            info, deliver, stop, Capacity(0, 0, 0), owner
+        )
         self.bus.publish(WorkerChanged(info.queues, info.worker_id, {"connected": True}))
         if reg.lost:
             await self.dispatch_all({r.queue for r in reg.lost})
         return reg.kept
 
-    async def disconnect_worker(self, worker_id: str, graceful: bool) -> None:
+    async def disconnect_worker(self, worker_id: str, graceful: bool, owner: object = None) -> None:
         """A worker's socket closed. Graceful: its runs go back uncounted; else its lease runs
         out on its own (it may reconnect in time and keep them)."""
-        session = self._sessions.pop(worker_id, None)
+        session = self._sessions.get(worker_id)
+        if session is None or session.owner is not owner:
+            return  # an older connection of a worker that has connected again since
+        del self._sessions[worker_id]
         if graceful:
-            back = await self.store.give_back(worker_id, None)
-            for record in back:
-                self._fences.pop(record.run_id, None)
-                self._publish(record)
+            await self.give_back(worker_id, None)
             await self.store.drop_worker(worker_id)
-            await self.dispatch_all({r.queue for r in back})
-        if session is not None:
-            self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))
+        self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))
+
+    async def give_back(self, worker_id: str, run_ids: Sequence[str] | None) -> list[RunRecord]:
+        """A worker hands runs back (all for None) without counting a loss: they are queued
+        again at their old place and offered to the other workers."""
+        back = await self.store.give_back(worker_id, run_ids)
+        for record in back:
+            self._fences.pop(record.run_id, None)
+            self._publish(record)
+        await self.dispatch_all({r.queue for r in back})
+        return back
 
     async def heartbeat(self, worker_id: str) -> list[Held]:
         """Renew a worker's lease; the runs it still holds (it stops any other)."""

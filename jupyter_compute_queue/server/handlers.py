@@ -397,6 +397,12 @@ def _pattern(template: str) -> str:
     )
 
 
-def routes() -> list[tuple[str, type[BaseHandler]]]:
-    """The URL patterns of every route, under ``compute-queue/``, then a JSON 404 for the rest."""
-    return [(f"{API}/{_pattern(t)}", h) for t, h in ROUTES] + [(rf"{API}(?:/.*)?", NoRouteHandler)]
+def routes() -> list[tuple[str, type[Any]]]:
+    """The URL patterns of every route and websocket under ``compute-queue/``, then a JSON 404
+    for anything else."""
+    from .websockets import QueueSocket, WorkerSocket
+
+    sockets: list[tuple[str, type[Any]]] = [("q/{queue}/ws", QueueSocket), ("worker", WorkerSocket)]
+    return [(f"{API}/{_pattern(t)}", h) for t, h in [*sockets, *ROUTES]] + [
+        (rf"{API}(?:/.*)?", NoRouteHandler)
+    ]
