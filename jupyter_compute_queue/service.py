@@ -329,6 +329,10 @@ class QueueService:
         workers = await self.store.workers(queue)
         for worker in workers:
             worker["connected"] = worker["id"] in self._sessions
+            # A queue name is a secret in public mode: only the owner sees the others.
+            if identity.kind != "user":
+                worker["queues"] = [queue]
+            worker["running"] = [r["runId"] for r in worker["running"] if r["queue"] == queue]
         oldest = counts.oldest_queued_at
         return {
             "queue": queue,
@@ -413,6 +417,16 @@ class QueueService:
             raise BadRequest("queues: a worker serves at least one queue")
         for queue in info.queues:
             self.check(identity, Action.WORK, queue)
+        if identity.kind != "user":
+            # A worker id is taken over only with credentials for every queue it served, or a
+            # token for one queue could requeue (or answer for) another queue's runs.
+            known = await self.store.workers()
+            before = next((w for w in known if w["id"] == info.worker_id), None)
+            if before is not None and not set(before["queues"]) <= identity.queues:
+                raise Forbidden(
+                    f"worker id {info.worker_id!r} belongs to a worker of other queues: "
+                    "choose another id"
+                )
         now = self.clock()
         reg = await self.store.register_worker(
             info, held, now, self.config.lease_seconds, self.config.max_lost

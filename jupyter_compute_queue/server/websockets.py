@@ -104,7 +104,8 @@ class QueueSocket(SocketBase):
                 for run_id in list(self._offsets):
                     await self._send_logs(run_id)
             elif isinstance(event, RunChanged):
-                await self.send({"type": "run", "run": event.record.wire()})
+                record = self.service.with_live_log_bytes(event.record)
+                await self.send({"type": "run", "run": record.wire()})
                 if event.record.run_id in self._offsets and event.record.finished:
                     await self._send_logs(event.record.run_id)
             elif isinstance(event, LogsAppended):
@@ -224,6 +225,11 @@ class WorkerSocket(SocketBase):
         if field(msg, "protocol", int) != PROTOCOL:
             raise ProtocolError(f"register: this host speaks protocol {PROTOCOL}")
         capacity = field(msg, "capacity", dict)
+        for name in ("queues", "tags"):
+            if not all(isinstance(v, str) for v in msg.get(name) or []):
+                raise ProtocolError(f"register: '{name}' is a list of strings")
+        if not all(isinstance(h, dict) for h in msg.get("held") or []):
+            raise ProtocolError("register: 'held' is a list of {runId, fence}")
         info = WorkerInfo(
             worker_id=field(msg, "id", str),
             queues=tuple(field(msg, "queues", list)),

@@ -279,7 +279,8 @@ class Store(ABC):
 
     @abstractmethod
     async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
-        """Registered workers (of a queue), with capacity, lease and running runs."""
+        """Registered workers (of a queue), with capacity, lease and running runs
+        (``running``: ``[{"runId", "queue"}]``)."""
 
     # --- retention ------------------------------------------------------------------------
 

@@ -349,11 +349,12 @@ class SqliteStore(Store):
 
     async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         def read(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            running: dict[str, list[str]] = {}
-            for worker_id, run_id in c.execute(
-                "SELECT worker_id, run_id FROM runs WHERE state = 1 AND worker_id IS NOT NULL"
+            running: dict[str, list[dict[str, str]]] = {}
+            for worker_id, run_id, run_queue in c.execute(
+                "SELECT worker_id, run_id, queue FROM runs"
+                " WHERE state = 1 AND worker_id IS NOT NULL"
             ):
-                running.setdefault(worker_id, []).append(run_id)
+                running.setdefault(worker_id, []).append({"runId": run_id, "queue": run_queue})
             out = []
             for worker_id, info, lease, seen in c.execute(
                 "SELECT worker_id, info, lease_expires, last_seen FROM workers ORDER BY worker_id"

@@ -150,3 +150,66 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
     await client.send({"type": "ping"})
     await client.expect("pong")
     assert (await fetch("healthz")).code == 200
+
+
+async def test_a_worker_credential_cannot_take_over_another_queues_worker(
+    fetch: Fetch, jp_ws_fetch: WsFetch, jp_serverapp: Any
+) -> None:
+    from jupyter_compute_queue.access import worker_credential
+
+    secret = jp_serverapp.web_app.settings["compute_queue"].secret
+    victim, _ = await Worker.connect(jp_ws_fetch, "victim", queues=("other",))
+    answer = body(await fetch("q", "other", method="POST", json=JOB))
+    assign = await victim.expect("assign")
+    intruder = Worker(
+        await jp_ws_fetch(
+            "compute-queue",
+            "worker",
+            headers={"Authorization": f"token {worker_credential(secret, 'q')}"},
+        ),
+        "victim",
+    )
+    await intruder.send(
+        {
+            "type": "register",
+            "protocol": 1,
+            "id": "victim",
+            "queues": ["q"],
+            "capacity": {"cpus": 1},
+            "held": [{"runId": assign["runId"], "fence": assign["fence"]}],
+        }
+    )
+    assert "belongs to a worker of other queues" in (await intruder.expect("error"))["error"]
+    # The victim keeps its run and its session.
+    assert (await victim.result(assign["runId"], assign["fence"]))["type"] == "accepted"
+    result = body(await fetch("q", "other", "j", answer["jobId"], "result.json"))
+    assert result["worker"]["id"] == "victim" and result["lostCount"] == 0
+
+
+@pytest.mark.parametrize("cq_config", [{"public": True}])
+async def test_public_status_hides_other_queues(
+    fetch: Fetch, jp_ws_fetch: WsFetch, jp_http_port: int, jp_base_url: str
+) -> None:
+    worker, _ = await Worker.connect(jp_ws_fetch, "w1", queues=("pub", "secret-name"), cpus=2)
+    await fetch("q", "secret-name", method="POST", json=JOB)
+    await fetch("q", "pub", method="POST", json=job(1))
+    await worker.expect("assign")
+    await worker.expect("assign")
+    from tornado.httpclient import AsyncHTTPClient
+
+    url = f"http://127.0.0.1:{jp_http_port}{jp_base_url}compute-queue/q/pub/status"
+    response = await AsyncHTTPClient().fetch(url)  # no credentials
+    text = response.body.decode()
+    assert "secret-name" not in text
+    [seen] = body(response)["workers"]
+    assert seen["queues"] == ["pub"] and len(seen["running"]) == 1
+
+
+async def test_badly_typed_registrations_get_errors(jp_ws_fetch: WsFetch) -> None:
+    raw = Worker(await jp_ws_fetch("compute-queue", "worker"), "x")
+    base = {"type": "register", "protocol": 1, "id": "x", "capacity": {"cpus": 1}}
+    for bad in ({"queues": [5]}, {"queues": ["q"], "tags": [[1]]}, {"queues": ["q"], "held": [5]}):
+        await raw.send({**base, **bad})
+        assert (await raw.expect("error"))["error"], bad
+    await raw.send({**base, "queues": ["q"]})
+    await raw.expect("registered")

@@ -474,7 +474,7 @@ async def test_workers_listing(store: SqliteStore) -> None:
     assert only["queues"] == ["a", "b"]
     assert only["tags"] == ["gpu"]
     assert only["capacity"] == {"cpus": 2, "memory": GiB, "gpus": 0}
-    assert only["running"] == [a.record.run_id]
+    assert only["running"] == [{"runId": a.record.run_id, "queue": a.record.queue}]
     assert only["leaseExpires"] == T0 + LEASE
     assert only["version"] == "1.0"
     assert await store.workers("zzz") == []
