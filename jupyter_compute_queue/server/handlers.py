@@ -403,6 +403,13 @@ def routes() -> list[tuple[str, type[Any]]]:
     from .websockets import QueueSocket, WorkerSocket
 
     sockets: list[tuple[str, type[Any]]] = [("q/{queue}/ws", QueueSocket), ("worker", WorkerSocket)]
-    return [(f"{API}/{_pattern(t)}", h) for t, h in [*sockets, *ROUTES]] + [
-        (rf"{API}(?:/.*)?", NoRouteHandler)
-    ]
+    return (
+        [(f"{API}/{_pattern(t)}", h) for t, h in sockets]
+        + [(pattern, handler) for _, pattern, handler in http_patterns()]
+        + [(rf"{API}(?:/.*)?", NoRouteHandler)]
+    )
+
+
+def http_patterns() -> list[tuple[str, str, type[BaseHandler]]]:
+    """(template, URL pattern, handler) of every HTTP route, in matching order."""
+    return [(t, f"{API}/{_pattern(t)}", h) for t, h in ROUTES]

@@ -38,7 +38,7 @@ from jupyter_compute_queue.access import Identity, worker_credential, worker_tok
 from jupyter_compute_queue.runs import OutputRef, Reason
 from jupyter_compute_queue.server.app import ComputeQueueApp
 from jupyter_compute_queue.server.base import BaseHandler
-from jupyter_compute_queue.server.handlers import ROUTES, routes
+from jupyter_compute_queue.server.handlers import ROUTES, http_patterns
 from jupyter_compute_queue.store.base import Assignment, Capacity, Outcome, WorkerInfo
 
 from .conftest import Fetch
@@ -284,7 +284,7 @@ def error_problem(response: HTTPResponse, method: str = "GET") -> str | None:
 def route_of(row: Row) -> str:
     """The template of ROUTES that serves a row's path (the first that matches, as tornado)."""
     path = "/compute-queue/" + row.path.split(" to ")[0]
-    for (template, _), (pattern, _) in zip(ROUTES, routes(), strict=False):
+    for template, pattern, _ in http_patterns():
         if re.fullmatch(pattern, path):
             return template
     raise AssertionError(f"no route serves {row.path}")
