@@ -37,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
         "--public", action="store_true", help="open every queue but 'local' without credentials"
     )
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker: take jobs from queues and run them as Docker containers",
+        description="Serve one or more queues of a host with this machine's Docker engine.",
+    )
+    from .worker.cli_args import add_arguments
+
+    add_arguments(worker)
+
     queue = commands.add_parser("queue", help="manage queues")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     token = queue_commands.add_parser(
@@ -58,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     if args.command == "serve":
         return serve(args, extra)
+    if args.command == "worker" and not extra:
+        from .worker.main import main as worker_main
+
+        return worker_main(args)
     if extra:
         print(f"jupyter compute-queue: unknown arguments: {' '.join(extra)}", file=sys.stderr)
         return 2

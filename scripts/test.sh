@@ -10,5 +10,22 @@ log "ruff"
 "$VENV/bin/ruff" format --check jupyter_compute_queue tests
 log "mypy --strict"
 "$VENV/bin/mypy"
+# --- Docker engine and test images (scripts/docker.sh, scripts/test-images.sh) ---
+# As root they install and start what is missing; otherwise they say what to run, and the
+# Docker tests skip (under CI=true a missing engine or image fails the run instead).
+is_ci() { case "${CI:-}" in [Tt]rue | TRUE | 1 | [Yy]es) return 0 ;; esac; return 1; }
+if [ "$(id -u)" = 0 ] || docker info >/dev/null 2>&1; then
+  if ! bash "$ROOT/scripts/docker.sh"; then
+    is_ci && exit 1
+    log "Docker tests will be skipped: no Docker engine answers (see above)"
+  elif ! bash "$ROOT/scripts/test-images.sh"; then
+    is_ci && exit 1
+    log "Docker tests will be skipped: the test images could not be built (see above)"
+  fi
+else
+  bash "$ROOT/scripts/docker.sh" || true # not root, no engine: it prints what to run
+  log "Docker tests will be skipped: no Docker engine answers and this is not root"
+fi
+# --- end Docker ---
 log "pytest"
 "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" "$@"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Enum, Float, Int, Type, Unicode, default
+from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, Union, default
 
 from .. import __version__
 from ..blobs.base import BlobStore
@@ -17,6 +17,7 @@ from ..logs import LogStore
 from ..service import QueueService, ServiceConfig
 from ..store.base import Store
 from ..store.sqlite import SqliteStore
+from .local_worker import LocalWorker, docker_reachable
 
 
 class ComputeQueueApp(ExtensionApp):
@@ -69,6 +70,16 @@ class ComputeQueueApp(ExtensionApp):
     max_blob_bytes = Int(10 * 1024**3, help="The largest blob accepted by PUT f/{key}.").tag(
         config=True
     )
+    local_worker = Union(
+        [Bool(), Enum(["auto"])],
+        default_value="auto",
+        help="Run a worker on queue 'local' with this machine's Docker engine: True, False, or "
+        "'auto' (only when an engine answers at start).",
+    ).tag(config=True)
+    local_worker_args = List(
+        Unicode(),
+        help="Extra options for the local worker, e.g. ['--cpus', '2', '--memory', '8g'].",
+    ).tag(config=True)
     store_class = Type(SqliteStore, klass=Store, help="The store of jobs, runs and leases.").tag(
         config=True
     )
@@ -99,6 +110,7 @@ class ComputeQueueApp(ExtensionApp):
             ),
         )
         self._started: asyncio.Task[None] | None = None
+        self.worker: LocalWorker | None = None
         self.settings["compute_queue"] = self
         self.log.info("compute-queue: state in %s%s", root, " (public mode)" if self.public else "")
 
@@ -120,6 +132,7 @@ class ComputeQueueApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ready()
+        await self.start_local_worker(serverapp)
         if self.serve_mode:
             url = serverapp.connection_url.rstrip("/") + "/compute-queue/"
             token = serverapp.identity_provider.token
@@ -127,8 +140,26 @@ class ComputeQueueApp(ExtensionApp):
             if token:
                 print(f"token: {token}", flush=True)
 
+    async def start_local_worker(self, serverapp: Any) -> None:
+        """Start the supervised local worker if configured (or "auto" and Docker answers)."""
+        wanted = self.local_worker
+        if wanted == "auto":
+            wanted = await asyncio.to_thread(docker_reachable)
+            if not wanted:
+                self.log.info("compute-queue: no Docker engine answers, so no local worker")
+        if wanted and self.worker is None:
+            self.worker = LocalWorker(
+                serverapp.connection_url,
+                serverapp.identity_provider.token or None,
+                self._owned.path / "local-worker",
+                list(self.local_worker_args),
+            )
+            self.worker.start()
+
     async def stop_extension(self) -> None:
         """Stop the sweepers, close the store, release the data dir."""
+        if self.worker is not None:
+            await self.worker.stop()
         if self._started is not None:
             await asyncio.shield(self._started)
             await self.service.stop()

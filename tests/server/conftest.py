@@ -50,7 +50,12 @@ def cq_config() -> dict[str, Any]:
 def jp_server_config(tmp_path: Path, cq_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "ServerApp": {"jpserver_extensions": {"jupyter_compute_queue": True}},
-        "ComputeQueueApp": {"data_dir": str(tmp_path / "cq-data"), **cq_config},
+        # No local worker unless a test asks for one (it would take the tests' runs).
+        "ComputeQueueApp": {
+            "data_dir": str(tmp_path / "cq-data"),
+            "local_worker": False,
+            **cq_config,
+        },
     }
 
 

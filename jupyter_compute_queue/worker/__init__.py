@@ -1,0 +1,1 @@
+"""The worker: runs assigned jobs in containers and reports them to the host."""

@@ -1,0 +1,361 @@
+"""The worker's side of the worker protocol (docs/protocol.md): register, take assignments,
+report phases, logs and results, heartbeat, obey cancels, reconnect.
+
+Leases on this side (SPEC §5): the worker stops its own containers once its monotonic clock
+says the lease passed without an acknowledged heartbeat (a partitioned worker stops its jobs),
+and stops any run that a heartbeat reply no longer lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+
+from .. import __version__
+from ..jobs import parse_definition
+from ..runs import Phase, Reason
+from .docker_runner import DockerRunner, Run, RunResult
+from .resources import Resources
+
+log = logging.getLogger(__name__)
+
+#: Log frames are sent at least this often while a run prints, and at most this big.
+LOG_FLUSH_SECONDS = 0.05
+LOG_BATCH_BYTES = 256 * 1024
+
+
+class FatalError(Exception):
+    """The host refused this worker for good (bad credentials, a queue it may not serve)."""
+
+
+@dataclass
+class WorkerOptions:
+    """Who the worker is and what it serves."""
+
+    url: str  # the host's compute-queue API, ending in "/"
+    token: str | None
+    worker_id: str
+    queues: tuple[str, ...]
+    tags: tuple[str, ...] = ()
+    max_job_duration: int = 3600
+    grace_seconds: float = 30.0
+
+
+@dataclass
+class _Active:
+    run: Run
+    task: asyncio.Task[None]
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    log_bytes: int = 0
+    result: RunResult | None = None
+    lease_lost: bool = False
+
+
+class Agent:
+    """One worker's connection to its host, and the runs it holds."""
+
+    def __init__(self, options: WorkerOptions, resources: Resources, runner: DockerRunner) -> None:
+        self.options = options
+        self.resources = resources
+        self.runner = runner
+        self.active: dict[str, _Active] = {}
+        self._conn: WebSocketClientConnection | None = None
+        self._lease_seconds = 30.0
+        self._acked = time.monotonic()
+        self._draining = False
+        self._stopped = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()  # fire-and-forget sends, kept referenced
+
+    # --- the connection -------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """Connect, serve, reconnect with backoff until ``shutdown``."""
+        watchdog = asyncio.ensure_future(self._watch_lease())
+        try:
+            await self._connect_loop()
+        finally:
+            watchdog.cancel()
+
+    async def _connect_loop(self) -> None:
+        delay = 0.5
+        while not self._stopped.is_set():
+            try:
+                conn = await self._connect()
+            except FatalError:
+                raise
+            except (OSError, HTTPClientError, asyncio.TimeoutError) as exc:
+                log.warning(
+                    "compute-queue worker: cannot reach %s (%s); retrying in %.1fs",
+                    self.options.url,
+                    exc,
+                    delay,
+                )
+                await self._sleep(delay)
+                delay = min(delay * 2, 30.0) * random.uniform(0.8, 1.2)
+                continue
+            delay = 0.5
+            await self._serve(conn)
+            self.connected.clear()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _connect(self) -> WebSocketClientConnection:
+        url = self.options.url.replace("http", "ws", 1) + "worker"
+        headers = {"Authorization": f"token {self.options.token}"} if self.options.token else {}
+        try:
+            return await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
+        except HTTPClientError as exc:
+            if exc.code in (401, 403):
+                body = exc.response.body.decode(errors="replace") if exc.response else ""
+                raise FatalError(f"the host refused this worker ({exc.code}): {body}") from None
+            raise
+
+    async def _serve(self, conn: WebSocketClientConnection) -> None:
+        self._conn = conn
+        held = [{"runId": a.run.run_id, "fence": a.run.fence} for a in self.active.values()]
+        total = self.resources.total
+        await self.send(
+            {
+                "type": "register",
+                "protocol": 1,
+                "id": self.options.worker_id,
+                "version": __version__,
+                "queues": list(self.options.queues),
+                "tags": list(self.options.tags),
+                "maxDuration": self.options.max_job_duration,
+                "capacity": {"cpus": total.cpus, "memory": total.memory, "gpus": total.gpus},
+                "held": held,
+            }
+        )
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            while True:
+                raw = await conn.read_message()
+                if raw is None:
+                    break
+                message = json.loads(raw)
+                if message.get("type") == "registered":
+                    heartbeat = asyncio.ensure_future(self._heartbeats(message["heartbeatSeconds"]))
+                await self._on_message(message)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            self._conn = None
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send if connected; False when the message could not go (the caller may keep it)."""
+        if self._conn is None:
+            return False
+        try:
+            await self._conn.write_message(json.dumps(message))
+            return True
+        except WebSocketClosedError:
+            return False
+
+    async def _heartbeats(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.send({"type": "heartbeat"})
+
+    async def _watch_lease(self) -> None:
+        """Connected or not: once the lease passed without an acknowledged heartbeat, the host
+        has given these runs to someone else, so their containers must stop here."""
+        while True:
+            await asyncio.sleep(min(1.0, self._lease_seconds / 10))
+            if time.monotonic() - self._acked <= self._lease_seconds:
+                continue
+            for run_id, active in list(self.active.items()):
+                if active.result is None and not active.lease_lost:
+                    active.lease_lost = True
+                    log.warning("compute-queue worker: lease passed; stopping run %s", run_id)
+                    await self.runner.stop(run_id, "the worker lost its lease")
+
+    # --- messages from the host -----------------------------------------------------------
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "registered":
+            self._lease_seconds = float(message["leaseSeconds"])
+            self._acked = time.monotonic()
+            kept = {h["runId"] for h in message["kept"]}
+            for run_id in list(self.active):
+                if run_id not in kept:
+                    await self.runner.stop(run_id, "the host gave the run to another worker")
+            await self.runner.remove_leftovers(set(self.active))
+            self.connected.set()
+            await self._resend_results()
+            await self._report_free()
+        elif kind == "assign":
+            self._start(message)
+        elif kind == "heartbeat":
+            self._acked = time.monotonic()
+            held = {h["runId"] for h in message["held"]}
+            for run_id in list(self.active):
+                if run_id not in held and self.active[run_id].result is None:
+                    await self.runner.stop(run_id, "the host no longer lists this run")
+        elif kind in ("cancel", "conflict"):
+            run_id = str(message.get("runId"))
+            if run_id in self.active:
+                await self.runner.stop(run_id, message.get("error") or "cancelled")
+                if kind == "conflict" and self.active[run_id].result is not None:
+                    self._forget(run_id)  # our result was refused: nothing more to send
+        elif kind == "accepted":
+            self._forget(message["runId"])
+        elif kind == "error":
+            log.warning("compute-queue worker: the host says: %s", message.get("error"))
+
+    def _start(self, message: dict[str, Any]) -> None:
+        definition = parse_definition(message["definition"])
+        allocation = self.resources.allocate(
+            message["runId"], definition.cpus, definition.memory, definition.gpus
+        )
+        run = Run(
+            run_id=message["runId"],
+            job_id=message["jobId"],
+            queue=message["queue"],
+            fence=int(message["fence"]),
+            definition=definition,
+            blobs=message.get("blobs", {}),
+            job_url=message.get("jobUrl", ""),
+            allocation=allocation,
+        )
+        task = asyncio.ensure_future(self._run(run))
+        self.active[run.run_id] = _Active(run, task)
+
+    async def _run(self, run: Run) -> None:
+        active = self.active[run.run_id]
+
+        def phase(value: Phase, digest: str | None) -> None:
+            self._background(
+                self.send(
+                    {
+                        "type": "phase",
+                        "runId": run.run_id,
+                        "fence": run.fence,
+                        "phase": value.value,
+                        **({"imageDigest": digest} if digest else {}),
+                    }
+                )
+            )
+
+        def logs(stream: str, text: str) -> None:
+            active.logs.append({"s": stream, "d": text, "t": int(time.time() * 1000)})
+            active.log_bytes += len(text)
+            self._schedule_flush()
+
+        try:
+            result = await self.runner.run(run, phase, logs)
+        except Exception as exc:  # a bug of ours must still end the run with a result
+            log.exception("compute-queue worker: run %s failed", run.run_id)
+            result = RunResult(Reason.ERROR, message=f"the worker failed: {exc}")
+        self.resources.release(run.run_id)
+        if self.active.get(run.run_id) is not active:
+            return  # given back while shutting down: the host has queued it again
+        await self._flush(run.run_id)
+        active.result = result
+        await self._send_result(active)
+        await self._report_free()
+
+    def _background(self, job: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_result(self, active: _Active) -> None:
+        result, run = active.result, active.run
+        assert result is not None
+        await self.send(
+            {
+                "type": "result",
+                "runId": run.run_id,
+                "fence": run.fence,
+                "reason": result.reason.value,
+                "exitCode": result.exit_code,
+                "message": result.message,
+                "imageDigest": result.image_digest,
+                "outputs": {p: o.model_dump() for p, o in result.outputs.items()},
+            }
+        )
+
+    async def _resend_results(self) -> None:
+        for active in list(self.active.values()):
+            if active.result is not None:
+                await self._send_result(active)
+
+    def _forget(self, run_id: str) -> None:
+        self.active.pop(run_id, None)
+        if self._draining and not self.active:
+            self._stopped.set()
+
+    async def _report_free(self) -> None:
+        free = self.resources.free
+        if self._draining:
+            free = type(free)(0, 0, 0)
+        await self.send(
+            {
+                "type": "capacity",
+                "free": {"cpus": free.cpus, "memory": free.memory, "gpus": free.gpus},
+            }
+        )
+
+    # --- logs -----------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(LOG_FLUSH_SECONDS)
+        for run_id in list(self.active):
+            await self._flush(run_id)
+
+    async def _flush(self, run_id: str) -> None:
+        active = self.active.get(run_id)
+        while active is not None and active.logs:
+            batch, size = [], 0
+            while active.logs and size < LOG_BATCH_BYTES:
+                frame = active.logs.pop(0)
+                batch.append(frame)
+                size += len(frame["d"])
+            active.log_bytes -= size
+            # While disconnected, lines are dropped: the host has no one to give them to and
+            # the run keeps going; the result (kept until accepted) is what must not be lost.
+            await self.send(
+                {"type": "logs", "runId": run_id, "fence": active.run.fence, "frames": batch}
+            )
+
+    # --- shutting down --------------------------------------------------------------------
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """SIGTERM: take no more work, let runs finish for ``grace`` seconds, then stop the rest
+        and give them back (uncounted), say goodbye and return."""
+        self._draining = True
+        await self._report_free()
+        wait = self.options.grace_seconds if grace is None else grace
+        tasks = [a.task for a in self.active.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait)
+        unfinished = [run_id for run_id, a in self.active.items() if not a.task.done()]
+        if unfinished:
+            await self.send({"type": "give-back", "runIds": unfinished})
+            for run_id in unfinished:
+                await self.runner.stop(run_id, "the worker is shutting down")
+                self.active.pop(run_id, None)
+        await self.send({"type": "goodbye"})
+        self._stopped.set()
+        if self._conn is not None:
+            self._conn.close()

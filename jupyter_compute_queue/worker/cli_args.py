@@ -1,0 +1,38 @@
+"""The worker's command-line options (light: parsing them imports neither Docker nor tornado)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's command-line options."""
+    parser.add_argument("queues", nargs="+", metavar="QUEUE", help="queues to serve")
+    parser.add_argument(
+        "--url", help="the Jupyter server's URL with its base URL (default: $COMPUTE_QUEUE_URL)"
+    )
+    parser.add_argument(
+        "--token",
+        help="the Jupyter token or a worker credential QUEUE:TOKEN (default: $COMPUTE_QUEUE_TOKEN)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="CPUs to offer (default: all)",
+    )
+    parser.add_argument(
+        "--memory",
+        help="memory to offer, e.g. 16g; also the limit of a job "
+        "that names none (default: not accounted)",
+    )
+    parser.add_argument("--gpus", default=None, help="N, all, or device=I,J (default: none)")
+    parser.add_argument("--tags", default="", help="comma-separated tags jobs may ask for")
+    parser.add_argument("--max-job-duration", default="1h", help="longest job to run (1h)")
+    parser.add_argument("--data-dir", help="the worker's folder (id, cache, run folders)")
+    parser.add_argument("--network", choices=["bridge", "none", "internal"], default="bridge")
+    parser.add_argument("--container-user", choices=["worker", "image"], default="worker")
+    parser.add_argument("--max-output-bytes", default="1g", help="cap on a run's /outputs")
+    parser.add_argument("--id", help="the worker id (default: one kept in the data dir)")
+    parser.add_argument("--grace", default="30s", help="SIGTERM grace before giving runs back")

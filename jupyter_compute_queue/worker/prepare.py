@@ -1,0 +1,123 @@
+"""A run's folder on the worker: inputs written or fetched, an empty outputs folder, the
+per-queue job cache, and the outputs collected afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..jobs import DataRefType, JobDefinition
+from .transfer import Transfers
+
+
+@dataclass
+class RunFolder:
+    """Where one run's files live on the worker."""
+
+    root: Path
+    #: Absolute configFiles: the host file that is mounted read-only at that container path.
+    single_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "inputs"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    def remove(self) -> None:
+        """Remove the folder (after upload); files a container made read-only are removed too."""
+        shutil.rmtree(self.root, onerror=_force_remove)
+
+
+def _force_remove(function: object, path: str, exc_info: object) -> None:
+    os.chmod(path, 0o700)
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)
+
+
+async def prepare(
+    runs_dir: Path,
+    run_id: str,
+    definition: JobDefinition,
+    blobs: dict[str, str],
+    transfers: Transfers,
+    host_api: str,
+) -> RunFolder:
+    """Make the run's folder and put every input in place (fetching key and url inputs)."""
+    folder = RunFolder(runs_dir / run_id)
+    if folder.root.exists():
+        folder.remove()  # a leftover of an earlier attempt of this run on this worker
+    folder.inputs.mkdir(parents=True)
+    folder.outputs.mkdir()
+    configs = folder.root / "config"
+    for index, (field_name, path, ref) in enumerate(definition.data_refs()):
+        if field_name == "configFiles" and path.startswith("/"):
+            configs.mkdir(exist_ok=True)
+            dest = configs / str(index)
+            folder.single_files[path] = dest
+        else:
+            dest = folder.inputs / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = ref.inline_bytes()
+        if data is not None:
+            dest.write_bytes(data)
+        elif ref.type is DataRefType.KEY:
+            key = str(ref.value)
+            await transfers.fetch(blobs.get(key) or f"{host_api}f/{key}", dest, sha256=key)
+        else:
+            await transfers.fetch(str(ref.value), dest)
+    return folder
+
+
+def job_cache(cache_root: Path, queue: str, cap_bytes: int) -> Path:
+    """The queue's shared ``/job-cache`` folder, pruned oldest-first to stay under the cap."""
+    folder = cache_root / queue
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    total = 0
+    for entry in folder.iterdir():
+        size = tree_size(entry)
+        total += size
+        entries.append((entry.stat().st_mtime, size, entry))
+    for _, size, entry in sorted(entries):
+        if total <= cap_bytes:
+            break
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, onerror=_force_remove)
+        else:
+            entry.unlink(missing_ok=True)
+        total -= size
+    return folder
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed)."""
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size if path.is_file() and not path.is_symlink() else 0
+    total = 0
+    for root, _dirs, files in os.walk(path, followlinks=False):
+        for name in files:
+            try:
+                stat = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue  # removed while we looked
+            if not os.path.islink(os.path.join(root, name)):
+                total += stat.st_size
+    return total
+
+
+def output_files(outputs: Path) -> Iterator[tuple[str, Path]]:
+    """Every regular file under ``outputs`` as (relative path, path); symlinks are skipped."""
+    for root, _dirs, files in os.walk(outputs, followlinks=False):
+        for name in sorted(files):
+            path = Path(root) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            yield path.relative_to(outputs).as_posix(), path
