@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import tarfile
@@ -32,6 +33,53 @@ class ImageError(Exception):
     """The image could not be pulled or built; the message says why."""
 
 
+class _TransientPullError(ImageError):
+    """A pull failed on the way to the registry (refused, reset, timed out): worth retrying."""
+
+
+#: A pull that fails on the way to the registry is tried this many times in all (SPEC §6:
+#: transient pull errors are retried before ``Error``), waiting ``PULL_BACKOFF * 2**n`` seconds
+#: in between. Anything else (an image or tag the registry does not have, denied access) fails
+#: at once.
+PULL_ATTEMPTS = 4
+PULL_BACKOFF = 2.0
+#: What the engine says (in lower case) when the registry could not be reached or dropped the
+#: connection: the errors worth retrying. Deliberately narrow: "not found" never retries.
+_TRANSIENT_PULL = (
+    "connection refused",
+    "connection reset",
+    "broken pipe",
+    "i/o timeout",
+    "tls handshake timeout",
+    "timeout exceeded",
+    "unexpected eof",
+    "no route to host",
+    "network is unreachable",
+    "temporary failure in name resolution",
+    "service unavailable",
+    "bad gateway",
+    "gateway timeout",
+    "too many requests",
+)
+
+
+def _is_transient(message: str) -> bool:
+    lowered = message.lower()
+    return any(marker in lowered for marker in _TRANSIENT_PULL)
+
+
+def _from_thread(log: Log) -> Log:
+    """``log`` for the worker threads the blocking steps run in: each line is handed to the
+    event loop, which owns the run's log (and is the only one that may schedule its flush).
+    Lines keep their order: the thread's result reaches the loop after them."""
+    loop = asyncio.get_running_loop()
+
+    def handed_over(text: str) -> None:
+        loop.call_soon_threadsafe(log, text)
+
+    return handed_over
+
+
 def build_tag(build: BuildSpec) -> str:
     """The tag of the image a build spec gives."""
     spec = build.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -44,8 +92,18 @@ async def ensure_image(client: Any, image: str, log: Log) -> str:
     if found is not None:
         return found
     repo, tag = _split(image)
-    log(f"pulling {image}\n")
-    await asyncio.to_thread(_pull, client, repo, tag, log)
+    thread_log = _from_thread(log)
+    for attempt in range(1, PULL_ATTEMPTS + 1):
+        log(f"pulling {image}\n")
+        try:
+            await asyncio.to_thread(_pull, client, repo, tag, thread_log)
+            break
+        except _TransientPullError as exc:
+            if attempt == PULL_ATTEMPTS:
+                raise ImageError(f"{exc} (tried {attempt} times)") from None
+            delay = PULL_BACKOFF * 2 ** (attempt - 1)
+            log(f"{exc}; retrying in {delay:g} s (attempt {attempt} of {PULL_ATTEMPTS})\n")
+            await asyncio.sleep(delay)
     found = await asyncio.to_thread(_get, client, image)
     if found is None:
         raise ImageError(f"pulled {image} but the engine does not list it")
@@ -72,13 +130,17 @@ def _split(image: str) -> tuple[str, str]:
 
 def _pull(client: Any, repo: str, tag: str, log: Log) -> None:
     import docker.errors
+    import requests.exceptions
 
+    name = f"{repo}:{tag}" if tag else repo
     last: dict[str, str] = {}
     shown = 0.0
     try:
         for event in client.api.pull(repo, tag or None, stream=True, decode=True):
             if "error" in event:
-                raise ImageError(f"pull of {repo}:{tag} failed: {event['error']}")
+                error = str(event["error"]).strip()
+                kind = _TransientPullError if _is_transient(error) else ImageError
+                raise kind(f"pull of {name} failed: {error}")
             layer, status = event.get("id", ""), event.get("status", "")
             if last.get(layer) != status or time.monotonic() - shown > 2:
                 last[layer] = status
@@ -86,7 +148,13 @@ def _pull(client: Any, repo: str, tag: str, log: Log) -> None:
                 progress = event.get("progress", "")
                 log(f"pull: {layer + ': ' if layer else ''}{status} {progress}".rstrip() + "\n")
     except docker.errors.APIError as exc:
-        raise ImageError(f"pull of {repo}:{tag} failed: {exc.explanation or exc}") from None
+        error = str(exc.explanation or exc).strip()
+        transient = exc.status_code != 404 and _is_transient(error)
+        kind = _TransientPullError if transient else ImageError
+        raise kind(f"pull of {name} failed: {error}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        # The engine itself did not answer, or its stream stalled past the client's timeout.
+        raise _TransientPullError(f"pull of {name} failed: {exc}") from None
 
 
 async def build_image(client: Any, build: BuildSpec, log: Log) -> str:
@@ -96,9 +164,10 @@ async def build_image(client: Any, build: BuildSpec, log: Log) -> str:
     if found is not None:
         log(f"reusing the image built earlier from this build spec ({tag})\n")
         return found
+    thread_log = _from_thread(log)
     with tempfile.TemporaryDirectory(prefix="cq-build-") as tmp:
-        context = await asyncio.to_thread(_context, build, Path(tmp), log)
-        await asyncio.to_thread(_build, client, build, context, tag, log)
+        context = await asyncio.to_thread(_context, build, Path(tmp), thread_log)
+        await asyncio.to_thread(_build, client, build, context, tag, thread_log)
     found = await asyncio.to_thread(_get, client, tag)
     if found is None:
         raise ImageError("the build finished but produced no image")
@@ -168,18 +237,27 @@ def _strip_single_folder(dest: Path) -> None:
 def _clone(url: str, ref: str, dest: Path) -> None:
     if shutil.which("git") is None:
         raise ImageError("build.context: a git context needs git on the worker (apt install git)")
+    # Never ask for a login on a terminal: a context needing one fails instead of hanging.
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     command = ["git", "clone", "--quiet", "--depth", "1"]
     if ref:
         command += ["--branch", ref]
-    done = subprocess.run([*command, url, str(dest)], capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 and ref:
-        # A commit hash cannot be cloned by --branch: fetch the whole history and check it out.
+    done = subprocess.run(
+        [*command, url, str(dest)], capture_output=True, text=True, timeout=600, env=env
+    )
+    if done.returncode != 0:
+        # A commit hash cannot be cloned by --branch, and a plain ("dumb") HTTP server cannot
+        # give a shallow clone at all: fetch the whole history (and check the ref out).
         shutil.rmtree(dest)
         dest.mkdir()
         done = subprocess.run(
-            ["git", "clone", "--quiet", url, str(dest)], capture_output=True, text=True, timeout=600
+            ["git", "clone", "--quiet", url, str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
         )
-        if done.returncode == 0:
+        if done.returncode == 0 and ref:
             done = subprocess.run(
                 ["git", "-C", str(dest), "checkout", "--quiet", ref],
                 capture_output=True,
