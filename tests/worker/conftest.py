@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,12 @@ async def start_worker(
         with contextlib.suppress(BaseException):
             await task
         remove_containers(client, agent.options.worker_id)
+
+
+def unique_id(prefix: str = "w") -> str:
+    """A worker id no other test uses: tests run in parallel on one engine, and a worker
+    removes every container labelled with its id that it does not hold."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_containers(client: Any, worker_id: str) -> None:

@@ -27,7 +27,7 @@ from jupyter_compute_queue.jobs import parse_definition
 from jupyter_compute_queue.worker import images
 from tests.docker_env import docker_client, free_loopback_port
 
-from .conftest import Fetch, StartWorker, run_job, submit, wait_result
+from .conftest import Fetch, StartWorker, run_job, submit, unique_id, wait_result
 
 BUILT_MARK = "reusing the image built earlier"
 
@@ -128,7 +128,7 @@ async def test_pull_from_a_registry(
 ) -> None:
     image = await asyncio.to_thread(push_busybox, test_images.busybox, registry, "cq/busybox:pull")
     try:
-        await start_worker("w1")
+        await start_worker(unique_id())
         result, logs = await run_job(fetch, {"image": image, "command": "echo pulled-ok"})
         assert result["reason"] == "Success", (result, logs)
         assert "pulled-ok" in logs
@@ -154,7 +154,7 @@ async def test_pull_of_a_missing_image_fails_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(images, "PULL_BACKOFF", 5.0)  # a retry would show in the time taken
-    await start_worker("w1")
+    await start_worker(unique_id())
     image = f"{registry}/cq/no-such-image:1"
     started = asyncio.get_running_loop().time()
     result, logs = await run_job(fetch, {"image": image, "command": "true"})
@@ -171,7 +171,7 @@ async def test_pull_from_an_unreachable_registry_is_retried_then_fails(
     fetch: Fetch, start_worker: StartWorker, test_images: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(images, "PULL_BACKOFF", 0.05)
-    await start_worker("w1")
+    await start_worker(unique_id())
     image = f"localhost:{free_loopback_port()}/cq/busybox:1"  # nothing listens there
     result, logs = await run_job(fetch, {"image": image, "command": "true"})
     assert result["reason"] == "Error", (result, logs)
@@ -208,7 +208,7 @@ async def test_a_registry_that_comes_back_is_pulled_from_after_a_retry(
     await asyncio.to_thread(push_busybox, test_images.busybox, registry, "cq/busybox:late")
     port = free_loopback_port()
     image = f"localhost:{port}/cq/busybox:late"  # a forwarder to the registry, started late
-    await start_worker("w1")
+    await start_worker(unique_id())
     answer = await submit(fetch, "q", {"image": image, "command": "echo came-back"})
     deadline = asyncio.get_running_loop().time() + 20
     while "retrying in" not in (await fetch("q", "q", "j", answer["jobId"], "logs")).body.decode():
@@ -235,7 +235,7 @@ async def test_build_from_dockerfile_text_and_reuse(
     fetch: Fetch, start_worker: StartWorker, test_images: Any, built: Any
 ) -> None:
     build = built({"dockerfile": f"FROM {test_images.busybox}\n{nonce()}RUN echo built > /built\n"})
-    await start_worker("w1")
+    await start_worker(unique_id())
     result, logs = await run_job(fetch, {"build": build, "command": "cat /built"})
     assert result["reason"] == "Success", (result, logs)
     assert "built" in logs.splitlines()
@@ -260,7 +260,7 @@ async def test_build_args_as_a_map_and_as_the_seeds_list(
         f"FROM {test_images.busybox}\n{nonce()}ARG A\nARG B=b-default\n"
         'RUN echo "A=$A B=$B" > /args\n'
     )
-    await start_worker("w1")
+    await start_worker(unique_id())
     as_map = built({"dockerfile": dockerfile, "buildArgs": {"A": "from-map", "B": "also"}})
     result, logs = await run_job(fetch, {"build": as_map, "command": "cat /args"})
     assert result["reason"] == "Success", (result, logs)
@@ -279,7 +279,7 @@ async def test_target_picks_a_stage(
         f"FROM {test_images.busybox} AS first\n{nonce()}RUN echo stage-first > /stage\n"
         f"FROM {test_images.busybox} AS second\nRUN echo stage-second > /stage\n"
     )
-    await start_worker("w1")
+    await start_worker(unique_id())
     for target, expected in [("first", "stage-first"), (None, "stage-second")]:
         build = built({"dockerfile": dockerfile, **({"target": target} if target else {})})
         result, logs = await run_job(fetch, {"build": build, "command": "cat /stage"})
@@ -293,7 +293,7 @@ async def test_a_failing_build_is_an_error_with_its_output_in_the_logs(
     build = built(
         {"dockerfile": f"FROM {test_images.busybox}\n{nonce()}RUN echo before-fail && false\n"}
     )
-    await start_worker("w1")
+    await start_worker(unique_id())
     result, logs = await run_job(fetch, {"build": build, "command": "true"})
     assert result["reason"] == "Error", (result, logs)
     assert result["message"].startswith("build failed:"), result
@@ -349,7 +349,7 @@ async def test_build_from_a_tar_gz_context(
     build = built(
         {"context": f"{url}/ctx.tar.gz", "buildContext": "app", "filename": "Dockerfile.job"}
     )
-    await start_worker("w1")
+    await start_worker(unique_id())
     result, logs = await run_job(fetch, {"build": build, "command": "cat /hello.txt"})
     assert result["reason"] == "Success", (result, logs)
     assert "hello from the context" in logs.splitlines()
@@ -388,7 +388,7 @@ def git_site(tmp_path: Path, serve_dir: Any, test_images: Any) -> str:
 async def test_build_from_a_git_repository_over_http(
     fetch: Fetch, start_worker: StartWorker, built: Any, git_site: str
 ) -> None:
-    await start_worker("w1")
+    await start_worker(unique_id())
     for ref, expected in [("#v1", "message v1"), ("", "message v2")]:
         build = built({"context": git_site + ref, "buildContext": "docker"})
         result, logs = await run_job(fetch, {"build": build, "command": "cat /message.txt"})
@@ -400,7 +400,7 @@ async def test_build_from_a_git_repository_over_http(
 async def test_a_bad_git_ref_is_an_error_naming_git(
     fetch: Fetch, start_worker: StartWorker, built: Any, git_site: str
 ) -> None:
-    await start_worker("w1")
+    await start_worker(unique_id())
     build = built({"context": git_site + "#no-such-ref", "buildContext": "docker"})
     result, logs = await run_job(fetch, {"build": build, "command": "true"})
     assert result["reason"] == "Error", (result, logs)

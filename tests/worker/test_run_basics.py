@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from .conftest import Fetch, StartWorker, body, run_job
+from .conftest import Fetch, StartWorker, body, run_job, unique_id
 
 
 async def test_inputs_outputs_env_and_logs(
@@ -45,7 +45,7 @@ async def test_inputs_outputs_env_and_logs(
             "/etc/abs.cfg": {"type": "utf8", "value": "absolute config\n"},
         },
     }
-    await start_worker("w1")
+    await start_worker(unique_id())
     result, logs = await run_job(fetch, definition)
     assert result["reason"] == "Success" and result["exitCode"] == 0, (result, logs)
     for text in [
@@ -77,7 +77,7 @@ async def test_inputs_outputs_env_and_logs(
 async def test_failure_keeps_the_exit_code(
     fetch: Fetch, start_worker: StartWorker, test_images: Any
 ) -> None:
-    await start_worker("w1")
+    await start_worker(unique_id())
     # "exit 3" has no shell syntax, so it would run a program called exit: ask for the shell.
     result, _ = await run_job(fetch, {"image": test_images.busybox, "command": "exit 3;"})
     assert result["reason"] == "Failed" and result["exitCode"] == 3
@@ -88,7 +88,7 @@ async def test_failure_keeps_the_exit_code(
 async def test_a_finished_result_is_reused(
     fetch: Fetch, start_worker: StartWorker, test_images: Any
 ) -> None:
-    await start_worker("w1")
+    await start_worker(unique_id())
     definition = {"image": test_images.busybox, "command": "date +%s%N"}
     first, _ = await run_job(fetch, definition)
     again = body(await fetch("q", "q", method="POST", json=definition))
