@@ -110,12 +110,15 @@ def unique_id(prefix: str = "w") -> str:
 
 
 def remove_containers(client: Any, worker_id: str) -> None:
-    """Remove every container a test worker left (only that worker's, by its label)."""
-    for container in client.containers.list(
-        all=True, filters={"label": f"{LABEL_WORKER}={worker_id}"}
-    ):
+    """Remove every container and network a test worker left (only that worker's, by its
+    label): each test worker has its own bridge network, and the engine has few address pools."""
+    label = {"label": f"{LABEL_WORKER}={worker_id}"}
+    for container in client.containers.list(all=True, filters=label):
         with contextlib.suppress(Exception):
             container.remove(force=True)
+    for network in client.networks.list(filters=label):
+        with contextlib.suppress(Exception):
+            network.remove()
 
 
 async def wait_result(
