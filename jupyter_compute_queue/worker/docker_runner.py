@@ -138,8 +138,7 @@ class DockerRunner:
         self._stopping.setdefault(run_id, why)
         container = self._containers.get(run_id)
         if container is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(container.stop, timeout=self.config.cancel_grace)
+            await asyncio.to_thread(_stop, container, self.config.cancel_grace)
 
     def running(self) -> list[str]:
         return list(self._containers)
@@ -232,7 +231,8 @@ class DockerRunner:
         if self._network is None:
             internal = self.config.network == "internal"
             name = f"compute-queue-{self.config.worker_id[:12]}{'-internal' if internal else ''}"
-            if not self.client.networks.list(names=[name]):
+            # The engine's name filter also matches longer names ("…-w1" finds "…-w10").
+            if not any(n.name == name for n in self.client.networks.list(names=[name])):
                 self.client.networks.create(
                     name,
                     driver="bridge",
@@ -269,17 +269,11 @@ class DockerRunner:
                 why, message = Reason.CANCELLED, self._stopping[run.run_id]
             elif time.monotonic() > deadline:
                 why, message = Reason.TIMED_OUT, f"ran past its limit of {limit} s"
-            elif (
-                size := await asyncio.to_thread(tree_size, folder.outputs)
-            ) > self.config.max_output_bytes:
+            elif (message := await self._over_cap(folder)) is not None:
                 why = Reason.ERROR
-                message = (
-                    f"/outputs grew past the cap of {self.config.max_output_bytes} bytes ({size})"
-                )
             if why is not None:
                 log("sys", f"stopping the container: {message}\n")
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(container.stop, timeout=self.config.cancel_grace)
+                await asyncio.to_thread(_stop, container, self.config.cancel_grace)
                 break
         status = await waiter
         with contextlib.suppress(asyncio.TimeoutError):
@@ -289,6 +283,11 @@ class DockerRunner:
             return RunResult(why, exit_code=code, message=message)
         if run.run_id in self._stopping:
             return RunResult(Reason.CANCELLED, exit_code=code, message=self._stopping[run.run_id])
+        # A job can write past the cap and exit between two samples: check once more before
+        # anything is uploaded.
+        if (message := await self._over_cap(folder)) is not None:
+            log("sys", message + "\n")
+            return RunResult(Reason.ERROR, exit_code=code, message=message)
         if code == 0:
             return RunResult(Reason.SUCCESS, exit_code=0)
         state = (await asyncio.to_thread(_inspect, container)).get("State", {})
@@ -299,12 +298,33 @@ class DockerRunner:
             return RunResult(Reason.FAILED, exit_code=code, message=message)
         return RunResult(Reason.FAILED, exit_code=code, message=f"exited with code {code}")
 
+    async def _over_cap(self, folder: RunFolder) -> str | None:
+        """Why the run must end when /outputs holds more than the cap, else None."""
+        size = await asyncio.to_thread(tree_size, folder.outputs)
+        if size <= self.config.max_output_bytes:
+            return None
+        return f"/outputs grew past the cap of {self.config.max_output_bytes} bytes ({size})"
+
     async def _upload(self, folder: RunFolder) -> dict[str, OutputRef]:
         outputs = {}
         for path, file in await asyncio.to_thread(lambda: list(output_files(folder.outputs))):
             key, size = await self.transfers.upload(file)
             outputs[path] = OutputRef(key=key, size=size)
         return outputs
+
+
+def _stop(container: Any, grace: float) -> None:
+    """SIGTERM, then SIGKILL once ``grace`` seconds passed.
+
+    Not ``container.stop(timeout=grace)``: the engine takes whole seconds only and refuses
+    ``t=0.5`` (a 500 error), which left the container running.
+    """
+    try:
+        container.kill(signal="SIGTERM")
+        container.wait(timeout=grace)  # raises when the grace passes first
+    except Exception:
+        with contextlib.suppress(Exception):
+            container.kill()  # SIGKILL; fails only when the container is gone already
 
 
 def _inspect(container: Any) -> dict[str, Any]:

@@ -35,8 +35,11 @@ class RunFolder:
 
 
 def _force_remove(function: object, path: str, exc_info: object) -> None:
-    os.chmod(path, 0o700)
-    if os.path.isdir(path):
+    # Removing an entry needs a writable folder around it. Never chmod through a symlink: the
+    # container may have pointed one at any host file (os.chmod follows links).
+    os.chmod(os.path.dirname(path), 0o700)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, 0o700)
         shutil.rmtree(path, ignore_errors=True)
     else:
         os.unlink(path)
@@ -85,7 +88,7 @@ def job_cache(cache_root: Path, queue: str, cap_bytes: int) -> Path:
     for entry in folder.iterdir():
         size = tree_size(entry)
         total += size
-        entries.append((entry.stat().st_mtime, size, entry))
+        entries.append((entry.lstat().st_mtime, size, entry))  # a job's link may dangle
     for _, size, entry in sorted(entries):
         if total <= cap_bytes:
             break
