@@ -10,6 +10,7 @@ import asyncio
 import codecs
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class DockerRunner:
         self._stopping: dict[str, str] = {}  # run id → why it is being stopped
         self._containers: dict[str, Any] = {}
         self._network: str | None = None
+        self._network_lock = threading.Lock()
 
     async def run(self, run: Run, phase: Phases, log: Logs) -> RunResult:
         """Run to the end; never raises for the job's own failures (they are results)."""
@@ -228,20 +230,24 @@ class DockerRunner:
     def _network_name(self) -> str:
         """The worker's own bridge network, made once: no traffic between its containers, and
         with ``internal`` no route out at all."""
-        if self._network is None:
-            internal = self.config.network == "internal"
-            name = f"compute-queue-{self.config.worker_id[:12]}{'-internal' if internal else ''}"
-            # The engine's name filter also matches longer names ("…-w1" finds "…-w10").
-            if not any(n.name == name for n in self.client.networks.list(names=[name])):
-                self.client.networks.create(
-                    name,
-                    driver="bridge",
-                    internal=internal,
-                    options={"com.docker.network.bridge.enable_icc": "false"},
-                    labels={LABEL_WORKER: self.config.worker_id},
-                )
-            self._network = name
-        return self._network
+        # Runs create containers from several threads at once, and the engine accepts two
+        # networks of one name (which then makes every container start fail as ambiguous).
+        with self._network_lock:
+            if self._network is None:
+                internal = self.config.network == "internal"
+                name = f"compute-queue-{self.config.worker_id}{'-internal' if internal else ''}"
+                # The engine's name filter also matches longer names ("…-w1" finds "…-w10").
+                if not any(n.name == name for n in self.client.networks.list(names=[name])):
+                    self.client.networks.create(
+                        name,
+                        driver="bridge",
+                        internal=internal,
+                        check_duplicate=True,
+                        options={"com.docker.network.bridge.enable_icc": "false"},
+                        labels={LABEL_WORKER: self.config.worker_id},
+                    )
+                self._network = name
+            return self._network
 
     async def _execute(
         self, run: Run, container: Any, folder: RunFolder, phase: Phases, log: Logs
