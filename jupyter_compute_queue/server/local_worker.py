@@ -16,6 +16,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: On stop, how long the worker gets after SIGTERM before SIGKILL, and (below it) how long its
+#: runs get to finish before it gives them back. The worker's own default grace (30 s) is
+#: longer than this wait: a running job would be killed with the worker, not given back.
+STOP_SECONDS = 10.0
+RUN_GRACE = "5s"
+
 
 def docker_reachable(timeout: float = 3.0) -> bool:
     """Whether a Docker engine answers (``local_worker = "auto"`` starts a worker only then)."""
@@ -58,7 +64,9 @@ class LocalWorker:
                 "local",
                 "--data-dir",
                 str(self.data_dir),
-                *self.extra,
+                "--grace",
+                RUN_GRACE,
+                *self.extra,  # may give another --grace: the last one counts
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -73,7 +81,7 @@ class LocalWorker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = STOP_SECONDS) -> None:
         """SIGTERM (the worker gives its runs back), then SIGKILL after ``grace``."""
         self._stopping = True
         process = self.process

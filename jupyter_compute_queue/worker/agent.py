@@ -22,16 +22,19 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .. import __version__
-from ..jobs import parse_definition
+from ..jobs import JobDefinition, parse_definition
 from ..runs import Phase, Reason
+from ..store.rows import DEFAULT_CPUS
 from .docker_runner import DockerRunner, Run, RunResult
-from .resources import Resources
+from .resources import Allocation, ResourceError, Resources
 
 log = logging.getLogger(__name__)
 
 #: Log frames are sent at least this often while a run prints, and at most this big.
 LOG_FLUSH_SECONDS = 0.05
 LOG_BATCH_BYTES = 256 * 1024
+#: On shutdown, how long the runs given back get to remove their containers and folders.
+STOP_WAIT_SECONDS = 15.0
 
 
 class FatalError(Exception):
@@ -59,6 +62,11 @@ class _Active:
     log_bytes: int = 0
     result: RunResult | None = None
     lease_lost: bool = False
+    #: Set once the run may start, while it waits for room on this worker (see ``_start``).
+    room: asyncio.Event | None = None
+    #: Why the run was stopped before it reached the runner (it then never starts).
+    stopped: str | None = None
+    handed: bool = False  # given to the runner, which stops it from then on
 
 
 class Agent:
@@ -72,6 +80,8 @@ class Agent:
         self._conn: WebSocketClientConnection | None = None
         self._lease_seconds = 30.0
         self._acked = time.monotonic()
+        self._sent: list[float] = []  # when each unanswered heartbeat left, oldest first
+        self._registered_at = self._acked
         self._draining = False
         self._stopped = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -128,6 +138,7 @@ class Agent:
         self._conn = conn
         held = [{"runId": a.run.run_id, "fence": a.run.fence} for a in self.active.values()]
         total = self.resources.total
+        self._registered_at = time.monotonic()
         await self.send(
             {
                 "type": "register",
@@ -155,6 +166,7 @@ class Agent:
             if heartbeat is not None:
                 heartbeat.cancel()
             self._conn = None
+            conn.close()  # already closed, unless a FatalError ends the connection
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Send if connected; False when the message could not go (the caller may keep it)."""
@@ -169,6 +181,9 @@ class Agent:
     async def _heartbeats(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            # The host renews the lease when it receives this, which is after now: counting the
+            # lease from the send keeps the worker's deadline before the host's.
+            self._sent.append(time.monotonic())
             await self.send({"type": "heartbeat"})
 
     async def _watch_lease(self) -> None:
@@ -182,7 +197,7 @@ class Agent:
                 if active.result is None and not active.lease_lost:
                     active.lease_lost = True
                     log.warning("compute-queue worker: lease passed; stopping run %s", run_id)
-                    await self.runner.stop(run_id, "the worker lost its lease")
+                    await self._stop(run_id, "the worker lost its lease")
 
     # --- messages from the host -----------------------------------------------------------
 
@@ -190,39 +205,81 @@ class Agent:
         kind = message.get("type")
         if kind == "registered":
             self._lease_seconds = float(message["leaseSeconds"])
-            self._acked = time.monotonic()
+            self._acked = self._registered_at
+            self._sent.clear()
             kept = {h["runId"] for h in message["kept"]}
             for run_id in list(self.active):
                 if run_id not in kept:
-                    await self.runner.stop(run_id, "the host gave the run to another worker")
+                    await self._stop(run_id, "the host gave the run to another worker")
             await self.runner.remove_leftovers(set(self.active))
             self.connected.set()
             await self._resend_results()
             await self._report_free()
         elif kind == "assign":
-            self._start(message)
+            await self._take(message)
         elif kind == "heartbeat":
-            self._acked = time.monotonic()
+            self._acked = self._sent.pop(0) if self._sent else time.monotonic()
             held = {h["runId"] for h in message["held"]}
             for run_id in list(self.active):
                 if run_id not in held and self.active[run_id].result is None:
-                    await self.runner.stop(run_id, "the host no longer lists this run")
+                    await self._stop(run_id, "the host no longer lists this run")
         elif kind in ("cancel", "conflict"):
             run_id = str(message.get("runId"))
             if run_id in self.active:
-                await self.runner.stop(run_id, message.get("error") or "cancelled")
+                await self._stop(run_id, message.get("error") or "cancelled")
                 if kind == "conflict" and self.active[run_id].result is not None:
                     self._forget(run_id)  # our result was refused: nothing more to send
         elif kind == "accepted":
             self._forget(message["runId"])
         elif kind == "error":
+            if message.get("ref") == "register":
+                # Refused for good (a queue the credential does not open, an id of another
+                # queue's worker, another protocol): every reconnect would be refused alike.
+                raise FatalError(f"the host refused this worker: {message.get('error')}")
             log.warning("compute-queue worker: the host says: %s", message.get("error"))
+
+    async def _take(self, message: dict[str, Any]) -> None:
+        """Start an assigned run. One that cannot start here must not end the worker: a
+        definition this worker cannot read ends ``Error``; a run that could never fit here goes
+        back to the queue, uncounted, after reporting what is really free."""
+        run_id, fence = str(message["runId"]), int(message["fence"])
+        try:
+            self._start(message)
+        except ResourceError as exc:  # it can never fit here, or it is already held
+            log.warning("compute-queue worker: giving back run %s: %s", run_id, exc)
+            await self._report_free()
+            await self.send({"type": "give-back", "runIds": [run_id]})
+        except ValueError as exc:  # InvalidJob
+            log.warning("compute-queue worker: run %s is invalid here: %s", run_id, exc)
+            await self.send(
+                {
+                    "type": "result",
+                    "runId": run_id,
+                    "fence": fence,
+                    "reason": Reason.ERROR.value,
+                    "message": f"invalid on this worker: {exc}",
+                }
+            )
+            await self._report_free()
 
     def _start(self, message: dict[str, Any]) -> None:
         definition = parse_definition(message["definition"])
-        allocation = self.resources.allocate(
-            message["runId"], definition.cpus, definition.memory, definition.gpus
-        )
+        run_id = str(message["runId"])
+        room: asyncio.Event | None = None
+        try:
+            allocation = self.resources.allocate(
+                run_id, definition.cpus, definition.memory, definition.gpus
+            )
+        except ResourceError:
+            needs = _needs(definition)
+            if run_id in self.active or not self.resources.total.fits(*needs):
+                raise
+            # The host counted on capacity that is taken: a `capacity` report crossed this
+            # assignment on its way. The run waits here, in order, for the room the runs before
+            # it leave (``_make_room``); a give-back would count one more attempt.
+            log.info("compute-queue worker: run %s waits for room on this worker", run_id)
+            allocation = Allocation(run_id, 0.0, 0, ())
+            room = asyncio.Event()
         run = Run(
             run_id=message["runId"],
             job_id=message["jobId"],
@@ -234,10 +291,34 @@ class Agent:
             allocation=allocation,
         )
         task = asyncio.ensure_future(self._run(run))
-        self.active[run.run_id] = _Active(run, task)
+        self.active[run.run_id] = _Active(run, task, room=room)
+
+    def _make_room(self) -> None:
+        """Give the waiting runs, oldest first, what they need once it is free."""
+        for active in self.active.values():
+            if active.room is None or active.room.is_set() or active.stopped is not None:
+                continue
+            run = active.run
+            try:
+                run.allocation = self.resources.allocate(run.run_id, *_needs(run.definition))
+            except ResourceError:
+                return
+            active.room.set()
+
+    async def _stop(self, run_id: str, why: str, active: _Active | None = None) -> None:
+        """Stop a run: in the runner, or before it gets there."""
+        active = active or self.active.get(run_id)
+        if active is not None and not active.handed:
+            active.stopped = why
+            if active.room is not None:
+                active.room.set()
+            return
+        await self.runner.stop(run_id, why)
 
     async def _run(self, run: Run) -> None:
         active = self.active[run.run_id]
+        if active.room is not None:
+            await active.room.wait()
 
         def phase(value: Phase, digest: str | None) -> None:
             self._background(
@@ -257,12 +338,17 @@ class Agent:
             active.log_bytes += len(text)
             self._schedule_flush()
 
-        try:
-            result = await self.runner.run(run, phase, logs)
-        except Exception as exc:  # a bug of ours must still end the run with a result
-            log.exception("compute-queue worker: run %s failed", run.run_id)
-            result = RunResult(Reason.ERROR, message=f"the worker failed: {exc}")
+        if active.stopped is not None:
+            result = RunResult(Reason.CANCELLED, message=active.stopped)
+        else:
+            active.handed = True
+            try:
+                result = await self.runner.run(run, phase, logs)
+            except Exception as exc:  # a bug of ours must still end the run with a result
+                log.exception("compute-queue worker: run %s failed", run.run_id)
+                result = RunResult(Reason.ERROR, message=f"the worker failed: {exc}")
         self.resources.release(run.run_id)
+        self._make_room()
         if self.active.get(run.run_id) is not active:
             return  # given back while shutting down: the host has queued it again
         await self._flush(run.run_id)
@@ -303,6 +389,15 @@ class Agent:
 
     async def _report_free(self) -> None:
         free = self.resources.free
+        for active in self.active.values():
+            if active.room is not None and not active.room.is_set():
+                cpus, memory, gpus = _needs(active.run.definition)
+                free = free.minus(type(free)(cpus, memory, gpus))  # promised to a waiting run
+        free = type(free)(
+            max(free.cpus, 0.0),
+            None if free.memory is None else max(free.memory, 0),
+            max(free.gpus, 0),
+        )
         if self._draining:
             free = type(free)(0, 0, 0)
         await self.send(
@@ -352,10 +447,19 @@ class Agent:
         unfinished = [run_id for run_id, a in self.active.items() if not a.task.done()]
         if unfinished:
             await self.send({"type": "give-back", "runIds": unfinished})
-            for run_id in unfinished:
-                await self.runner.stop(run_id, "the worker is shutting down")
-                self.active.pop(run_id, None)
+            given = [self.active.pop(run_id) for run_id in unfinished]  # no results for these
+            why = "the worker is shutting down"
+            await asyncio.gather(*(self._stop(a.run.run_id, why, a) for a in given))
+            # Let the runner remove their containers and run folders: once this returns, the
+            # process ends, and a run still cleaning up would leave its container behind.
+            await asyncio.wait([a.task for a in given], timeout=STOP_WAIT_SECONDS)
         await self.send({"type": "goodbye"})
         self._stopped.set()
         if self._conn is not None:
             self._conn.close()
+
+
+def _needs(definition: JobDefinition) -> tuple[float, int, int]:
+    """What a run takes on a worker (cpus, memory bytes, gpus), with the host's defaults."""
+    cpus = DEFAULT_CPUS if definition.cpus is None else definition.cpus
+    return cpus, definition.memory or 0, definition.gpus

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,8 +53,17 @@ def main(args: argparse.Namespace) -> int:
         lock.close()
 
 
+#: Threads for blocking Docker calls. Every running container holds two for its whole life
+#: (its attach stream and its wait), so asyncio's default pool (cpu count + 4) would let a few
+#: long runs starve every other Docker call: new runs, and stopping a cancelled one.
+EXECUTOR_THREADS = 256
+
+
 async def _serve(agent: Agent) -> int:
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(
+        ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="compute-queue-worker")
+    )
     stopping: list[asyncio.Task[None]] = []
 
     def on_signal() -> None:
@@ -107,6 +117,13 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
         Transfers(api, token, ContentCache(data_dir / "cache")),
         api,
     )
+    if args.network != "none":
+        # Made once here, before any run: runs starting together would each create one (Docker
+        # allows duplicate names), and a container on an ambiguous network name cannot start.
+        try:
+            runner._network_name()
+        except Exception as exc:
+            raise StartError(f"cannot create the worker's Docker network ({exc})") from None
     options = WorkerOptions(
         url=api,
         token=token,
