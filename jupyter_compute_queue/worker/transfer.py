@@ -22,26 +22,22 @@ either.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import http.client
-import io
-import json
 import logging
 import os
 import shutil
-import socket
 import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from ..blobs.base import check_key
+from ..http import DEFAULT_PORTS, REDIRECTS, Replay, Reply, origin, under_api
 
 __all__ = ["ContentCache", "TransferError", "Transfers", "TransientError", "safe_url"]
 
@@ -60,8 +56,6 @@ CONTINUE_WAIT = 1.0
 _ERROR_BODY_MAX = 4096
 #: At most this much of an early response head is read byte by byte.
 _HEAD_MAX = 64 * 1024
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class TransferError(Exception):
@@ -94,22 +88,13 @@ def safe_url(url: str) -> str:
 def _parse(url: str) -> SplitResult:
     """Split an absolute http(s) URL, refusing anything else (``file:``, ``ftp:``, relative)."""
     split = urlsplit(url)
-    if split.scheme not in _DEFAULT_PORTS or not split.hostname:
+    if split.scheme not in DEFAULT_PORTS or not split.hostname:
         raise TransferError(f"{safe_url(url)}: only absolute http and https URLs can be fetched")
     try:
         split.port  # noqa: B018 - validates the port
     except ValueError as exc:
         raise TransferError(f"{safe_url(url)}: {exc}") from None
     return split
-
-
-def _origin(split: SplitResult) -> tuple[str, str, int]:
-    """Scheme, host and port, with the scheme's default port made explicit."""
-    return (
-        split.scheme,
-        (split.hostname or "").lower(),
-        split.port or _DEFAULT_PORTS[split.scheme],
-    )
 
 
 def _copy_into(src: Path, dest_dir: Path) -> Path:
@@ -215,81 +200,6 @@ class ContentCache:
         shutil.copyfile(source, dest)
 
 
-class _ReplaySocket:
-    """A socket whose first bytes were already read: lets ``HTTPResponse`` parse a response
-    whose head was consumed while waiting for ``100 Continue``."""
-
-    def __init__(self, head: bytes, sock: socket.socket) -> None:
-        self._head = head
-        self._sock = sock
-
-    def makefile(self, mode: str, *args: object, **kwargs: object) -> io.BufferedReader:
-        return io.BufferedReader(_PrefixedReader(self._head, self._sock))
-
-
-class _PrefixedReader(io.RawIOBase):
-    def __init__(self, head: bytes, sock: socket.socket) -> None:
-        self._head = head
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        return self._sock.recv_into(buffer)
-
-
-class _Response:
-    """One HTTP response and the connection it came on; closing it closes both."""
-
-    def __init__(
-        self, url: str, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
-    ) -> None:
-        self.url = url
-        self.status = response.status
-        self._conn = conn
-        self._response = response
-
-    def header(self, name: str) -> str | None:
-        return self._response.getheader(name)
-
-    def read(self, size: int) -> bytes:
-        return self._response.read(size)
-
-    def error_text(self) -> str:
-        """The start of the body as an error message: ``{"error": …}`` or plain text."""
-        try:
-            raw = self._response.read(_ERROR_BODY_MAX)
-        except (OSError, http.client.HTTPException):
-            return ""
-        text = raw.decode("utf-8", "replace").strip()
-        with contextlib.suppress(ValueError):
-            data = json.loads(text)
-            if isinstance(data, dict) and isinstance(data.get("error"), str):
-                text = data["error"]
-        return text[:300]
-
-    def close(self) -> None:
-        self._response.close()
-        self._conn.close()
-
-    def __enter__(self) -> _Response:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 class _Upload:
     """The body of a PUT: the first ``size`` bytes of an open file, streamed in chunks (from
     the start again on every hop of a redirect)."""
@@ -348,7 +258,6 @@ class Transfers:
             raise ValueError(f"retries must be at least 1, got {retries}")
         self.host_api = host_api
         self._api = _parse(host_api)
-        self._api_origin = _origin(self._api)
         self.token = token
         self.cache = cache
         self.retries = retries
@@ -482,7 +391,7 @@ class Transfers:
     # --- HTTP -------------------------------------------------------------------------------
 
     def _on_host(self, split: SplitResult) -> bool:
-        return _origin(split) == self._api_origin and split.path.startswith(self._api.path)
+        return under_api(split, self._api)
 
     def _request(
         self,
@@ -491,7 +400,7 @@ class Transfers:
         headers: Mapping[str, str],
         body: _Upload | None,
         cancel: threading.Event,
-    ) -> _Response:
+    ) -> Reply:
         """Send a request and follow redirects; the caller closes the response."""
         trusted = True  # the chain has not left the host's API yet
         for _hop in range(MAX_REDIRECTS + 1):
@@ -501,7 +410,7 @@ class Transfers:
             if trusted and self.token:
                 hop_headers["Authorization"] = f"token {self.token}"
             response = self._exchange(method, url, split, hop_headers, body, cancel)
-            if response.status not in _REDIRECTS:
+            if response.status not in REDIRECTS:
                 return response
             with response:
                 location = response.header("Location")
@@ -525,10 +434,10 @@ class Transfers:
         headers: Mapping[str, str],
         body: _Upload | None,
         cancel: threading.Event,
-    ) -> _Response:
+    ) -> Reply:
         """One request and the head of its response, errors classified."""
         where = f"{method} {safe_url(url)}"
-        host, port = _origin(split)[1:]
+        host, port = origin(split)[1:]
         conn: http.client.HTTPConnection
         if split.scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
@@ -551,21 +460,21 @@ class Transfers:
                 if early is not None:
                     # Answered before the body (a redirect, 401, 413 …): parse that answer.
                     response = http.client.HTTPResponse(
-                        _ReplaySocket(early, conn.sock),  # type: ignore[arg-type]
+                        Replay(early, conn.sock),  # type: ignore[arg-type]
                         method=method,
                     )
                     response.begin()
-                    return _Response(url, conn, response)
+                    return Reply(url, conn, response)
                 try:
                     self._send_body(conn, body, cancel)
                 except OSError as exc:
                     # The server may have answered and closed mid-body (e.g. 413): that
                     # answer says more than the broken pipe.
                     try:
-                        return _Response(url, conn, conn.getresponse())
+                        return Reply(url, conn, conn.getresponse())
                     except (OSError, http.client.HTTPException):
                         raise TransientError(f"{where}: {_describe(exc)}") from exc
-            return _Response(url, conn, conn.getresponse())
+            return Reply(url, conn, conn.getresponse())
         except ssl.SSLCertVerificationError as exc:
             conn.close()
             raise TransferError(f"{where}: {_describe(exc)}") from exc
@@ -616,12 +525,12 @@ class Transfers:
         for chunk in body.chunks(cancel):
             conn.send(chunk)
 
-    def _check(self, method: str, response: _Response) -> None:
+    def _check(self, method: str, response: Reply) -> None:
         """Return on 2xx; otherwise raise TransientError (429, 5xx) or TransferError."""
         status = response.status
         if 200 <= status < 300:
             return
-        message = response.error_text()
+        message = response.error_text(_ERROR_BODY_MAX)[:300]
         text = f"{method} {safe_url(response.url)} answered {status}"
         if message:
             text += f": {message}"
