@@ -18,8 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, quote, urlencode, urljoin, urlsplit
 
 from .errors import ComputeQueueError
@@ -99,7 +98,23 @@ class Body:
     chunks: Callable[[], Iterator[bytes]]
 
 
-class Reply:
+_C = TypeVar("_C", bound="Closing")
+
+
+class Closing:
+    """``with`` closes it: the context-manager half of every closable client object."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Reply(Closing):
     """One HTTP response and its connection; closing it closes both."""
 
     def __init__(
@@ -141,17 +156,6 @@ class Reply:
     def close(self) -> None:
         self._response.close()
         self._conn.close()
-
-    def __enter__(self) -> Reply:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class HttpClient:

@@ -13,11 +13,10 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import ComputeQueueError, JobTimeout
-from .http import safe
+from .http import Closing, safe
 from .logs import LogRecord
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ class SocketEnd:
 SocketItem = dict[str, Any] | SocketFailed | SocketEnd
 
 
-class QueueSocket:
+class QueueSocket(Closing):
     """The queue's websocket (``q/{queue}/ws``) in a background thread with its own event loop.
 
     Messages arrive in a bounded queue (``get``), so a slow reader slows the socket, not
@@ -105,17 +104,6 @@ class QueueSocket:
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has ended already
                 loop.call_soon_threadsafe(self._close_conn)
-
-    def __enter__(self) -> QueueSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _close_conn(self) -> None:
         if self._conn is not None:
@@ -231,7 +219,7 @@ def _ws_refusal(exc: Any, url: str) -> ComputeQueueError:
     return ComputeQueueError(message, int(exc.code), safe(url))
 
 
-class LogStream:
+class LogStream(Closing):
     """A run's log, live: an iterator of :class:`LogRecord` that ends when the run has finished
     and its whole log has been seen.
 
@@ -319,17 +307,6 @@ class LogStream:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-    def __enter__(self) -> LogStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -12,93 +12,39 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
 from .blobs import BlobStore
-from .events import EventBus, LogsAppended, RunChanged, WorkerChanged
+from .dispatch import WorkerSession, WorkerSide
+from .events import EventBus, RunChanged
 from .jobs import InvalidJob, JobDefinition, canonical_json, job_id, parse_definition
 from .logs import LogStore
-from .runs import DEFAULT_NAMESPACE, Phase, RunRecord, RunState
+from .runs import DEFAULT_NAMESPACE, RunRecord, RunState
+from .service_base import DAY, BadRequest, Forbidden, ServiceConfig, ServiceError, TooLarge
 from .store.base import (
-    Assignment,
-    Capacity,
     Change,
-    Conflict,
-    Held,
     NotFound,
-    Outcome,
     Page,
     Store,
     SubmitRequest,
-    WorkerInfo,
 )
+
+# The service's public names, wherever they live.
+__all__ = [
+    "BadRequest",
+    "Forbidden",
+    "QueueService",
+    "ServiceConfig",
+    "ServiceError",
+    "TooLarge",
+    "WorkerSession",
+]
 
 log = logging.getLogger(__name__)
 
-DAY = 86400.0
 
-
-class ServiceError(Exception):
-    """An error whose message is for the user; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-
-class BadRequest(ServiceError, ValueError):
-    """The request itself is wrong; the message names what."""
-
-
-class Forbidden(ServiceError):
-    """The caller may not do this (or may not know the thing exists)."""
-
-    status = 403
-
-
-class TooLarge(ServiceError):
-    """A body over a configured limit."""
-
-    status = 413
-
-
-@dataclass
-class ServiceConfig:
-    """The knobs the service needs (the server extension fills them from its traitlets)."""
-
-    lease_seconds: float = 30.0
-    max_lost: int = 3
-    retention_days: float = 30.0
-    cache_scope: str = "queue"  # "queue", or "host" to share results across private queues
-    max_definition_bytes: int = 4 * 1024 * 1024
-    public: bool = False
-    sweep_batch: int = 500
-    retention_interval: float = 3600.0
-    #: Blobs nothing refers to are deleted once nobody touched them for this long.
-    blob_grace_seconds: float = DAY
-
-
-#: How a service hands an assignment to a connected worker.
-Deliver = Callable[[Assignment], Awaitable[None]]
-#: How a service tells a connected worker to stop a run.
-Stop = Callable[[str], Awaitable[None]]
-
-
-@dataclass
-class WorkerSession:
-    """A connected worker: what it is, what it has free, and how to reach it."""
-
-    info: WorkerInfo
-    deliver: Deliver
-    stop: Stop
-    free: Capacity
-    #: The connection this session belongs to: a late close of an older connection of the
-    #: same worker must not end the newer one.
-    owner: object = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class QueueService:
+class QueueService(WorkerSide):
     """The host's rules; one per server process."""
 
     def __init__(
@@ -401,162 +347,7 @@ class QueueService:
         """How many runs are queued or running."""
         return len(self._active)
 
-    # --- workers ----------------------------------------------------------------------------
-
-    async def connect_worker(
-        self,
-        identity: Identity,
-        info: WorkerInfo,
-        held: Sequence[Held],
-        deliver: Deliver,
-        stop: Stop,
-        owner: object = None,
-    ) -> list[Held]:
-        """Register a connected worker; returns the runs it may keep (it stops the others)."""
-        if not info.queues:
-            raise BadRequest("queues: a worker serves at least one queue")
-        for queue in info.queues:
-            self.check(identity, Action.WORK, queue)
-        if identity.kind != "user":
-            # A worker id is taken over only with credentials for every queue it served, or a
-            # token for one queue could requeue (or answer for) another queue's runs.
-            known = await self.store.workers()
-            before = next((w for w in known if w["id"] == info.worker_id), None)
-            if before is not None and not set(before["queues"]) <= identity.queues:
-                raise Forbidden(
-                    f"worker id {info.worker_id!r} belongs to a worker of other queues: "
-                    "choose another id"
-                )
-        now = self.clock()
-        reg = await self.store.register_worker(
-            info, held, now, self.config.lease_seconds, self.config.max_lost
-        )
-        for record in reg.lost:
-            self._fences.pop(record.run_id, None)
-            self._publish(record)
-        for kept in reg.kept:
-            run = await self.store.get_run(kept.run_id)
-            if run is not None:
-                self._fences[kept.run_id] = (kept.fence, info.worker_id, run.queue)
-        # Nothing is assigned until the worker says what it has free: it knows what it runs.
-        self._sessions[info.worker_id] = WorkerSession(
-            info, deliver, stop, Capacity(0, 0, 0), owner
-        )
-        self.bus.publish(WorkerChanged(info.queues, info.worker_id, {"connected": True}))
-        if reg.lost:
-            await self.dispatch_all({r.queue for r in reg.lost})
-        return reg.kept
-
-    async def disconnect_worker(self, worker_id: str, graceful: bool, owner: object = None) -> None:
-        """A worker's socket closed. Graceful: its runs go back uncounted; else its lease runs
-        out on its own (it may reconnect in time and keep them)."""
-        session = self._sessions.get(worker_id)
-        if session is None or session.owner is not owner:
-            return  # an older connection of a worker that has connected again since
-        del self._sessions[worker_id]
-        if graceful:
-            await self.give_back(worker_id, None)
-            await self.store.drop_worker(worker_id)
-        self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))
-
-    async def give_back(self, worker_id: str, run_ids: Sequence[str] | None) -> list[RunRecord]:
-        """A worker hands runs back (all for None) without counting a loss: they are queued
-        again at their old place and offered to the other workers."""
-        back = await self.store.give_back(worker_id, run_ids)
-        for record in back:
-            self._fences.pop(record.run_id, None)
-            self._publish(record)
-        await self.dispatch_all({r.queue for r in back})
-        return back
-
-    async def heartbeat(self, worker_id: str) -> list[Held]:
-        """Renew a worker's lease; the runs it still holds (it stops any other)."""
-        return await self.store.heartbeat(worker_id, self.clock(), self.config.lease_seconds)
-
-    async def report_free(self, worker_id: str, free: Capacity) -> None:
-        """A worker's free capacity changed: assign it what fits."""
-        session = self._session(worker_id)
-        session.free = free
-        await self._fill(session)
-
-    async def dispatch(self, queue: str) -> None:
-        """Offer a queue's runs to the connected workers that serve it."""
-        for session in list(self._sessions.values()):
-            if queue in session.info.queues:
-                await self._fill(session)
-
-    async def dispatch_all(self, queues: Iterable[str]) -> None:
-        for queue in sorted(set(queues)):
-            await self.dispatch(queue)
-
-    async def _fill(self, session: WorkerSession) -> None:
-        async with session.lock:
-            while self._sessions.get(session.info.worker_id) is session:
-                try:
-                    assignment = await self.store.claim(session.info, session.free, self.clock())
-                except NotFound:  # its lease ran out: it must register again
-                    return
-                if assignment is None:
-                    return
-                session.free = session.free.minus(assignment.needs)
-                run = assignment.record
-                self._fences[run.run_id] = (assignment.fence, session.info.worker_id, run.queue)
-                self._publish(run)
-                await session.deliver(assignment)
-
-    def _session(self, worker_id: str) -> WorkerSession:
-        session = self._sessions.get(worker_id)
-        if session is None:
-            raise NotFound(f"worker {worker_id!r} is not connected")
-        return session
-
-    def _check_fence(self, run_id: str, fence: int, worker_id: str) -> str:
-        """The run's queue if this is the current assignment; Conflict otherwise."""
-        current = self._fences.get(run_id)
-        if current is None or current[0] != fence or current[1] != worker_id:
-            raise Conflict(f"run {run_id} is not yours under fence {fence}: stop it")
-        return current[2]
-
-    async def set_phase(
-        self, worker_id: str, run_id: str, fence: int, phase: Phase, image_digest: str | None = None
-    ) -> None:
-        """A worker reports what its run is doing."""
-        record = await self.store.set_phase(run_id, fence, worker_id, phase, image_digest)
-        self._publish(record)
-
-    def append_logs(
-        self,
-        worker_id: str,
-        run_id: str,
-        fence: int,
-        frames: Iterable[tuple[str, str | bytes, int | None]],
-    ) -> int:
-        """A worker's log frames for a run it holds; returns the log's new length."""
-        queue = self._check_fence(run_id, fence, worker_id)
-        end = self.logs.append_many(run_id, frames)
-        self.bus.publish(LogsAppended(queue, run_id, end))
-        return end
-
-    async def finish(self, worker_id: str, run_id: str, fence: int, outcome: Outcome) -> RunRecord:
-        """A worker's result. Conflict for a stale fence; a duplicate is accepted unchanged."""
-        outcome = replace(outcome, log_bytes=self.logs.size(run_id))
-        change = await self.store.finish(run_id, fence, worker_id, outcome, self.clock())
-        self._fences.pop(run_id, None)
-        self.logs.close(run_id)
-        if change.changed:
-            self._publish(change.record)
-        return change.record
-
     # --- sweepers ---------------------------------------------------------------------------
-
-    async def expire_leases(self) -> list[RunRecord]:
-        """Requeue the runs of workers whose lease passed (WorkerLost at max_lost)."""
-        changed = await self.store.expire_leases(self.clock(), self.config.max_lost)
-        for record in changed:
-            self._fences.pop(record.run_id, None)
-            self._publish(record)
-        await self.dispatch_all({r.queue for r in changed if r.state is RunState.QUEUED})
-        return changed
 
     async def sweep(self) -> tuple[int, int]:
         """Retention: delete expired runs with their logs, then unreferenced old blobs.
