@@ -1,10 +1,29 @@
-"""Public compute queues for notebooks: container jobs from Jupyter, run by anyone's workers."""
+"""Public compute queues for notebooks: container jobs from Jupyter, run by anyone's workers.
+
+``from jupyter_compute_queue import Client, Job`` for scripts; ``%load_ext
+jupyter_compute_queue`` in a notebook for ``%%container``. Both are imported lazily, so a
+Jupyter server loading the extension does not import the client, and a kernel does not import
+the server.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .client import Client, ComputeQueueError, Job
+
+__all__ = ["Client", "ComputeQueueError", "Job", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in {"Client", "ComputeQueueError", "Job"}:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'jupyter_compute_queue' has no attribute {name!r}")
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
@@ -12,3 +31,10 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .server.app import ComputeQueueApp
 
     return [{"module": "jupyter_compute_queue", "app": ComputeQueueApp}]
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext jupyter_compute_queue`` registers the ``%%container`` cell magic."""
+    from .magic import load_ipython_extension as load
+
+    load(shell)

@@ -43,6 +43,7 @@ class WorkerSide:
     bus: EventBus
     clock: Callable[[], float]
     _sessions: dict[str, WorkerSession]
+    stopped: bool
     _fences: dict[str, tuple[int, str, str]]  # run id → (fence, worker, queue)
     # Defined by the service: the access check and how a changed run is announced.
     check: Callable[[Identity, Action, str | None], None]
@@ -99,7 +100,7 @@ class WorkerSide:
         if session is None or session.owner is not owner:
             return  # an older connection of a worker that has connected again since
         del self._sessions[worker_id]
-        if graceful:
+        if graceful and not self.stopped:  # at shutdown the store is closing: leases expire
             await self.give_back(worker_id, None)
             await self.store.drop_worker(worker_id)
         self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))

@@ -67,6 +67,7 @@ class QueueService(WorkerSide):
         self._tasks: list[asyncio.Task[None]] = []
         self._touched: dict[str, float] = {}  # run id → when this process last recorded a read
         self._active: set[str] = set()  # runs queued or running, for the idle culler
+        self.stopped = False  # set by stop(): sockets closing after it leave the store alone
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class QueueService(WorkerSide):
 
     async def stop(self) -> None:
         """Stop the sweepers (the caller closes the store, logs and blobs)."""
+        self.stopped = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

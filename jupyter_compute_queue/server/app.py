@@ -18,6 +18,7 @@ from ..service import QueueService, ServiceConfig
 from ..store.base import Store
 from ..store.sqlite import SqliteStore
 from .local_worker import LocalWorker, docker_reachable
+from .websockets import closing_sockets
 
 
 class ComputeQueueApp(ExtensionApp):
@@ -163,6 +164,7 @@ class ComputeQueueApp(ExtensionApp):
         if self._started is not None:
             await asyncio.shield(self._started)
             await self.service.stop()
+            await closing_sockets()  # their last writes go before the store closes
             await self.service.store.close()
             await self.service.blobs.close()
         self.service.logs.close()

@@ -173,8 +173,12 @@ class CancelHandler(BaseHandler):
         namespace = self.get_query_argument("namespace", None)
         changes = await self.service.cancel(self.identity, queue, self.job_id(job), namespace)
         changed = any(c.changed for c in changes)
-        if changed:
-            message = "cancelled" if namespace is None else f"{namespace} let go of the run"
+        if changed and namespace is None:
+            message = "cancelled"
+        elif changed:
+            ended = any(c.record.reason is not None for c in changes if c.changed)
+            still = "; it was its last holder: cancelled" if ended else "; others still hold it"
+            message = f"{namespace} let go of the run{still}"
         else:
             reasons = ", ".join(
                 f"{c.record.queue}: {c.record.reason.value if c.record.reason else 'unfinished'}"

@@ -366,6 +366,12 @@ class WorkerSocket(SocketBase):
 _closing: set[asyncio.Future[None]] = set()
 
 
+async def closing_sockets(timeout: float = 5.0) -> None:
+    """Wait (a bounded time) for the disconnect work of worker sockets that closed."""
+    if _closing:
+        await asyncio.wait(set(_closing), timeout=timeout)
+
+
 def _capacity(data: dict[str, Any]) -> Capacity:
     try:
         cpus = float(data.get("cpus", 0))
