@@ -183,6 +183,25 @@ class Client(HttpClient):
         """A job already submitted, by id (see :meth:`Job.attach`)."""
         return Job.attach(job_id, queue, client=self, run_id=run_id)
 
+    def job_data(self, job_id: str, queue: str | None = None) -> dict[str, Any]:
+        """``GET [q/{queue}/]j/{id}``: ``{"jobId", "definition", "runs"}``, the runs of
+        ``queue`` (every queue the caller may see when None), newest first."""
+        where = f"q/{quote(queue, safe='')}/" if queue else ""
+        data: dict[str, Any] = self._json("GET", f"{where}j/{quote(job_id, safe='')}")
+        return data
+
+    def cancel(
+        self, job_id: str, queue: str | None = None, namespace: str | None = None
+    ) -> dict[str, Any]:
+        """Cancel a job's unfinished run in ``queue`` (in every queue the caller may see when
+        None); see :meth:`Job.cancel` for ``namespace`` and the answer."""
+        where = f"q/{quote(queue, safe='')}/" if queue else ""
+        query = {"namespace": namespace} if namespace is not None else None
+        data: dict[str, Any] = self._json(
+            "POST", f"{where}j/{quote(job_id, safe='')}/cancel", query=query
+        )
+        return data
+
     def _submit(
         self,
         items: Sequence[Submission],

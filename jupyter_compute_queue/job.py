@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
@@ -29,6 +29,7 @@ from .logstream import (
     remaining,
 )
 from .runs import RunRecord
+from .uploads import ProgressCallback
 
 if TYPE_CHECKING:
     from .client import Client
@@ -354,59 +355,93 @@ class Job:
         return data
 
     def download(
-        self, folder: str | os.PathLike[str], paths: Iterable[str] | None = None
+        self,
+        folder: str | os.PathLike[str],
+        paths: Iterable[str] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[str, Path]:
         """Write the outputs (or those in ``paths``) under ``folder``, keeping their relative
-        paths, each checked against its sha256; returns output path → local file."""
+        paths, each checked against its sha256; returns output path → local file.
+        ``progress`` is called with ``(done_bytes, total_bytes)`` as the bytes arrive."""
         root = Path(folder)
         outputs = self.outputs
         if not self.finished:
             raise ComputeQueueError(f"job {self.job_id[:12]} has not finished: wait() for it")
         wanted = list(outputs) if paths is None else list(paths)
+        total = sum(int(outputs[p]["size"]) for p in wanted if p in outputs)
+        done = 0
         written: dict[str, Path] = {}
         for path in wanted:
             out = self._output(path)
             check_path(path)  # never outside the folder
             target = root.joinpath(*path.split("/"))
             url = self._path + "outputs/" + quote(path, safe="/")
-            self._fetch_to(url, target, self._run_query, expect=str(out["key"]))
+            report = None
+            if progress is not None:
+                base = done
+
+                def report(n: int, base: int = base) -> None:
+                    progress(base + n, total)
+
+            self._fetch_to(url, target, self._run_query, expect=str(out["key"]), report=report)
+            done += int(out["size"])
             written[path] = target
         return written
 
-    def download_zip(self, path: str | os.PathLike[str] | None = None) -> Path:
+    def download_zip(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Path:
         """Every output as one zip, written to ``path`` (a file, or a folder to put
-        ``<job id prefix>-outputs.zip`` in; default the current folder)."""
+        ``<job id prefix>-outputs.zip`` in; default the current folder). ``progress`` is called
+        with ``(done_bytes, 0)``: the zip is made on the fly, its size is not known before."""
         if not self.refresh().finished:
             raise ComputeQueueError(f"job {self.job_id[:12]} has not finished: wait() for it")
         target = Path(path) if path is not None else Path.cwd()
         if target.is_dir():
             target = target / f"{self.job_id[:12]}-outputs.zip"
-        self._fetch_to(self._path + "outputs.zip", target, self._run_query)
+        report = None if progress is None else (lambda n: progress(n, 0))
+        self._fetch_to(self._path + "outputs.zip", target, self._run_query, report=report)
         return target
 
     def _fetch_to(
-        self, url: str, target: Path, query: Mapping[str, Any], expect: str | None = None
+        self,
+        url: str,
+        target: Path,
+        query: Mapping[str, Any],
+        expect: str | None = None,
+        report: Callable[[int], None] | None = None,
     ) -> None:
         """Stream a GET into ``target`` (via a temporary file next to it)."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out:
-                _stream_into(self.client, url, query, out, expect)
+                _stream_into(self.client, url, query, out, expect, report)
             os.replace(name, target)
         finally:
             Path(name).unlink(missing_ok=True)
 
 
 def _stream_into(
-    client: Client, url: str, query: Mapping[str, Any], out: BinaryIO, expect: str | None
+    client: Client,
+    url: str,
+    query: Mapping[str, Any],
+    out: BinaryIO,
+    expect: str | None,
+    report: Callable[[int], None] | None = None,
 ) -> None:
     digest = hashlib.sha256()
+    received = 0
     with client._request("GET", url, query=query) as reply:
         if reply.status != 200:
             raise reply.error("GET")
         while chunk := reply.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
+            received += len(chunk)
+            if report is not None:
+                report(received)
     if expect is not None and digest.hexdigest() != expect:
         raise ComputeQueueError(f"{url}: the bytes received do not have the sha256 {expect}")

@@ -51,7 +51,8 @@ def request(url: str, token: str | None = None, data: Any = None) -> tuple[int, 
 
 
 def test_queue_new_names_are_unguessable() -> None:
-    names = {cli("queue", "new").stdout.strip() for _ in range(2)}
+    # The name is alone on the first line; the queue's URL follows when a host is found.
+    names = {cli("queue", "new").stdout.splitlines()[0] for _ in range(2)}
     assert len(names) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", n) for n in names)
 
 
