@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
+import os
 import queue
 import sys
 import threading
@@ -26,11 +28,17 @@ from .uploads import human_size
 if TYPE_CHECKING:
     from .client import Client
     from .job import Job
+    from .widget import JobWidget
+
+log = logging.getLogger("jupyter_compute_queue.magic")
 
 #: Bytes of log a cell shows before it says where the rest is.
 MAX_SHOWN_BYTES = 512 * 1024
 #: Seconds a job may stay queued before the cell looks for workers and says what to do.
 HINT_AFTER = 5.0
+#: Seconds the magic waits for a front end to say it shows the widget before it prints the log
+#: as text (nbconvert and front ends that cannot talk to a busy kernel never say so).
+RENDER_WAIT = 2.0
 
 
 class ContainerJobFailed(ComputeQueueError):
@@ -80,7 +88,7 @@ class _Printer:
             self.out.flush()
 
 
-def _reader(job: Job, into: queue.Queue[Any], stop: threading.Event) -> None:
+def read_log_into(job: Job, into: queue.Queue[Any], stop: threading.Event) -> None:
     """Move the live log into ``into``; None marks its end, an exception a failure."""
     try:
         with job.stream_logs() as stream:
@@ -114,7 +122,7 @@ def follow(client: Client, job: Job, namespace: str, out: TextIO, err: TextIO) -
     records: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(
-        target=_reader, args=(job, records, stop), name="compute-queue-cell", daemon=True
+        target=read_log_into, args=(job, records, stop), name="compute-queue-cell", daemon=True
     )
     thread.start()
     started = time.monotonic()
@@ -173,6 +181,40 @@ def fetch_outputs(job: Job, folder: Path, out: TextIO) -> None:
     out.flush()
 
 
+def show_widget(job: Job, namespace: str, shell: Any) -> JobWidget | None:
+    """Display the job widget, unless ``$COMPUTE_QUEUE_DISPLAY`` is ``text``, this is no
+    kernel, or the widget cannot be made (anywidget missing, assets not built)."""
+    mode = os.environ.get("COMPUTE_QUEUE_DISPLAY", "auto").lower()
+    if mode == "text" or shell is None or getattr(shell, "kernel", None) is None:
+        return None
+    try:
+        from IPython.display import display
+
+        from .widget import JobWidget
+
+        widget = JobWidget(job, namespace=namespace)
+    except (ImportError, ComputeQueueError) as exc:
+        if mode == "widget":
+            raise
+        log.debug("plain text instead of the job widget: %s", exc)
+        return None
+    display(widget)  # type: ignore[no-untyped-call]
+    return widget
+
+
+def wait_widget(widget: JobWidget, namespace: str, out: TextIO) -> Job:
+    """Block until the widget's job has finished; an interrupt cancels it, as in text mode."""
+    try:
+        return widget.wait()
+    except KeyboardInterrupt:
+        job = widget.job
+        if job is not None:
+            answer = job.cancel(namespace=namespace)
+            out.write(f"[compute-queue: interrupted: {answer.get('message') or 'cancelled'}]\n")
+            out.flush()
+        raise
+
+
 def run_cell(
     client: Client,
     args: argparse.Namespace,
@@ -180,29 +222,35 @@ def run_cell(
     files: dict[str, Any],
     namespace: str,
     on_submit: Callable[[Job], None] | None = None,
+    shell: Any = None,
 ) -> Job:
-    """Submit the cell's job and, unless ``--no-wait``, follow it to its end. ``on_submit``
-    gets the job at once (``--out``: the variable is set even if the cell is interrupted or
-    raises)."""
+    """Submit the cell's job and, unless ``--no-wait``, follow it to its end: in the job
+    widget when a front end shows it (it says so within :data:`RENDER_WAIT` seconds), else in
+    plain text. ``on_submit`` gets the job at once (``--out``: the variable is set even if
+    the cell is interrupted or raises)."""
     out, err = sys.stdout, sys.stderr
     job = client.submit(
         definition, queue=args.queue, namespace=namespace, rerun=args.rerun, files=files
     )
     if on_submit is not None:
         on_submit(job)
+    widget = show_widget(job, namespace, shell)
     short = job.job_id[:12]
     if job.cached:
         record = job.refresh().record
         when = record.finished_at if record is not None else None
         stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if when else "?"
         out.write(f"[compute-queue: cached result from {stamp}: job {short} {job.page_url}]\n")
-    else:
+    elif widget is None:
         out.write(f"[compute-queue: job {short} {job.state.lower()} on {job.queue!r}: ")
         out.write(f"{job.page_url}]\n")
     out.flush()
     if args.no_wait:
         return job
-    follow(client, job, namespace, out, err)
+    if widget is not None and widget.rendered.wait(RENDER_WAIT):
+        job = wait_widget(widget, namespace, out)
+    else:
+        follow(client, job, namespace, out, err)
     job.refresh()
     if job.succeeded:
         folder = Path(args.outputs) if args.outputs else Path("outputs") / short

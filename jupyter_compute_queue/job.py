@@ -75,6 +75,7 @@ class Job:
         self._state = state
         self._record = record
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[Job], None]] = []
 
     @classmethod
     def _from_answer(cls, client: Client, answer: Any, namespace: str | None) -> Job:
@@ -158,6 +159,26 @@ class Job:
                 return  # an older answer that arrived late (a run never leaves Finished)
             self._record = record
             self._state = record.state.value
+            listeners = list(self._listeners) if record != current else []
+        for listener in listeners:  # outside the lock: a listener may read the job
+            try:
+                listener(self)
+            except Exception:  # one bad listener must not stop wait() or the others
+                log.exception("a Job.on_change listener failed")
+
+    def on_change(self, listener: Callable[[Job], None]) -> Callable[[], None]:
+        """Call ``listener(job)`` whenever the run record changes (from :meth:`refresh`,
+        :meth:`wait` or :meth:`cancel`, in the thread that saw the change); returns a function
+        that removes it."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
 
     def refresh(self) -> Job:
         """Fetch the run's record (``result.json`` of this run); returns the job."""

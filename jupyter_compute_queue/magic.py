@@ -232,7 +232,7 @@ def container(line: str, cell: str, shell: Any = None) -> Any:
         if args.out and shell is not None:
             shell.user_ns[args.out] = job
 
-    return run_cell(client, args, definition, files, namespace, keep)
+    return run_cell(client, args, definition, files, namespace, keep, shell)
 
 
 container.__doc__ = PARSER.format_help()

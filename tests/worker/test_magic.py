@@ -25,7 +25,9 @@ BUSYBOX = "-q q -i cq-test/busybox:1"
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    k = Kernel(tmp_path_factory.mktemp("kernel"))
+    # Plain text: no front end shows widgets here (test_the_widget_falls_back_to_text checks
+    # the default, which waits for one first).
+    k = Kernel(tmp_path_factory.mktemp("kernel"), env={"COMPUTE_QUEUE_DISPLAY": "text"})
     ready = k.run("%load_ext jupyter_compute_queue")
     assert ready.ok, ready
     yield k
@@ -181,3 +183,17 @@ async def test_the_help_documents_every_option(magic: Kernel) -> None:
     for action in PARSER._actions:
         for option in action.option_strings:
             assert option in pages, option
+
+
+async def test_without_a_widget_front_end_it_falls_back_to_text(magic: Kernel) -> None:
+    setup = await cell(magic, "os.environ['COMPUTE_QUEUE_DISPLAY'] = 'auto'")
+    assert setup.ok, setup
+    try:
+        run = await cell(magic, f"%%container {BUSYBOX}\necho shown as text")
+    finally:
+        await cell(magic, "os.environ['COMPUTE_QUEUE_DISPLAY'] = 'text'")
+    assert run.ok, run
+    assert "shown as text" in run.stdout  # nobody said the widget was shown: the log is text
+    widget = [r for r in run.results if "application/vnd.jupyter.widget-view+json" in r["data"]]
+    assert widget, run.results  # the widget was offered all the same
+    assert widget[0]["data"]["text/plain"].startswith("<job ")  # what nbconvert would keep

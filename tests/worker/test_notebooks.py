@@ -40,6 +40,7 @@ async def execute(
     monkeypatch.setenv("COMPUTE_QUEUE_URL", f"http://127.0.0.1:{jp_http_port}{jp_base_url}")
     monkeypatch.setenv("COMPUTE_QUEUE_TOKEN", host_token)
     monkeypatch.setenv("COMPUTE_QUEUE_IMAGE", "cq-test/python:1")
+    monkeypatch.setenv("COMPUTE_QUEUE_DISPLAY", "text")  # nbclient shows no widgets
     monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / name))
     notebook = nbformat.read(tmp_path / name, as_version=4)
     client = NotebookClient(
