@@ -2,6 +2,7 @@
 # The whole test suite: installs what it needs, then lint, types and tests.
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/test_jobs.py -x).
 set -euo pipefail
+INSTALL_TEST_PACKAGES=1 # also Chromium, for the browser tests (tests/browser)
 source "$(dirname "${BASH_SOURCE[0]}")/install.sh"
 cd "$ROOT"
 
@@ -28,4 +29,6 @@ else
 fi
 # --- end Docker ---
 log "pytest"
-"$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" "$@"
+# loadgroup: the browser tests (xdist_group "browser") share one worker, one JupyterLab and one
+# Chromium; every other test is spread as usual.
+"$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadgroup "$@"

@@ -1,0 +1,158 @@
+// The job view's data source: one interface, fed either through the kernel (the widget in a
+// notebook) or straight from a queue host (the sidebar and the job page). The view renders a
+// `JobSource` and knows nothing about where the data comes from.
+
+/** A run's state (SPEC §4). */
+export type RunState = 'Queued' | 'Running' | 'Finished';
+/** What a running run is doing on its worker. */
+export type Phase = 'pulling' | 'building' | 'preparing' | 'running' | 'uploading';
+/** Why a run finished. */
+export type Reason =
+  | 'Success'
+  | 'Failed'
+  | 'Error'
+  | 'TimedOut'
+  | 'Cancelled'
+  | 'Replaced'
+  | 'WorkerLost';
+
+/** An output file of a finished run: its size and its blob key. */
+export interface OutputRef {
+  size: number;
+  key: string;
+}
+
+/** A job definition as on the wire (docs/protocol.md); the host validates it. */
+export type JobDefinition = Record<string, unknown>;
+
+/**
+ * What the view shows: the job's newest run, with the run record's wire names. Every field
+ * is null until known (an editor that has submitted nothing has no job at all).
+ */
+export interface JobSnapshot {
+  jobId: string | null;
+  runId: string | null;
+  queue: string | null;
+  state: RunState | null;
+  phase: Phase | null;
+  reason: Reason | null;
+  exitCode: number | null;
+  message: string | null;
+  /** Output path → file, for the newest run (empty until it has finished). */
+  outputs: Record<string, OutputRef>;
+  /** ISO 8601 UTC times. */
+  queuedAt: string | null;
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+/** One log record (docs/protocol.md, "Logs"). */
+export interface LogRecord {
+  /** Byte offset of the first byte of `d` in the uncut stream. */
+  o: number;
+  /** Epoch milliseconds. */
+  t: number;
+  /** `out` (stdout), `err` (stderr) or `sys` (the system's own lines). */
+  s: 'out' | 'err' | 'sys';
+  d: string;
+  /** Only on a truncation record: the bytes cut, so the stream resumes at `o + cut`. */
+  cut?: number;
+}
+
+/**
+ * Receives log records of the snapshot's run, in order, each byte once: `offset` is where
+ * this batch starts in the stream. When the run changes (a rerun), the new run's records
+ * start again at offset 0: the view clears its terminal when `snapshot.runId` changes.
+ */
+export type LogListener = (offset: number, records: LogRecord[]) => void;
+
+/** Undoes a subscription. */
+export type Dispose = () => void;
+
+/** Where a job view gets its data and sends its actions. */
+export interface JobSource {
+  /** The state now. */
+  readonly snapshot: JobSnapshot;
+  /** Calls `listener` with each new snapshot. */
+  onChange(listener: (snapshot: JobSnapshot) => void): Dispose;
+  /** Streams the current run's log from byte offset `since` (a replay, then live). */
+  onLog(listener: LogListener, since?: number): Dispose;
+  /** Cancels the job's unfinished run. */
+  cancel(): Promise<void>;
+  /** Runs the job again even if a cached result exists. */
+  rerun(): Promise<void>;
+  /** Submits a new job (the editor); the snapshot then follows it. */
+  submit(definition: JobDefinition): Promise<void>;
+  /** Where to download an output file of the newest finished run, or null before a job. */
+  outputUrl(path: string): string | null;
+  /** Where to download all outputs as a zip, or null before a job. */
+  zipUrl(): string | null;
+  /** Drops every listener and connection. */
+  dispose(): void;
+}
+
+/** A snapshot with nothing known yet. */
+export function emptySnapshot(): JobSnapshot {
+  return {
+    jobId: null,
+    runId: null,
+    queue: null,
+    state: null,
+    phase: null,
+    reason: null,
+    exitCode: null,
+    message: null,
+    outputs: {},
+    queuedAt: null,
+    startedAt: null,
+    finishedAt: null
+  };
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** The stream offset right after `record`: where a reader resumes. */
+export function recordEnd(record: LogRecord): number {
+  return record.o + (record.cut ?? encoder.encode(record.d).length);
+}
+
+/** The part of `record` from stream offset `from` on (which must fall inside it). */
+function tail(record: LogRecord, from: number): LogRecord {
+  if (from <= record.o) {
+    return record;
+  }
+  if (record.cut !== undefined) {
+    return { ...record, o: from, cut: record.o + record.cut - from };
+  }
+  const rest = decoder.decode(encoder.encode(record.d).subarray(from - record.o));
+  return { ...record, o: from, d: rest };
+}
+
+/**
+ * Keeps one listener's position in a log stream, so that overlapping replays (another
+ * listener asked for an earlier offset, a reconnect resent a batch) reach it only once.
+ */
+export class LogCursor {
+  constructor(
+    private readonly listener: LogListener,
+    public position = 0
+  ) {}
+
+  /** Passes on the part of `records` past this listener's position. */
+  feed(records: LogRecord[]): void {
+    const fresh = records
+      .filter(r => recordEnd(r) > this.position)
+      .map(r => tail(r, this.position));
+    if (fresh.length === 0) {
+      return;
+    }
+    this.position = recordEnd(fresh[fresh.length - 1]);
+    this.listener(fresh[0].o, fresh);
+  }
+}
+
+/** The path of an output file as a URL path, each segment escaped. */
+export function encodePath(path: string): string {
+  return path.split('/').map(encodeURIComponent).join('/');
+}
