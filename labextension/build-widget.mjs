@@ -1,4 +1,5 @@
 // Builds the job widget's front end: one ES module, jupyter_compute_queue/static/widget.js,
+// (and the job page's, static/page.js)
 // that anywidget loads as `_esm`. Every dependency is bundled in (nothing from a CDN), and CSS
 // is imported as text and injected by the code (src/style.ts), so the bundle stays one file.
 // esbuild's JS API, not its command: it needs no bin link nor install script.
@@ -8,10 +9,15 @@ import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
+// Two bundles: the widget (anywidget's _esm) and the job page's script (served as ui/page.js).
+for (const [entry, out] of [
+  ['src/widget.ts', 'widget.js'],
+  ['src/page.ts', 'page.js']
+]) {
 await esbuild.build({
   absWorkingDir: here,
-  entryPoints: ['src/widget.ts'],
-  outfile: '../jupyter_compute_queue/static/widget.js',
+  entryPoints: [entry],
+  outfile: `../jupyter_compute_queue/static/${out}`,
   bundle: true,
   format: 'esm',
   target: 'es2020',
@@ -21,3 +27,4 @@ await esbuild.build({
   legalComments: 'none',
   logLevel: 'info'
 });
+}

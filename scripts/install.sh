@@ -59,7 +59,7 @@ FRONTEND_SOURCES=(src style package.json package-lock.json tsconfig.json build-l
 FRONTEND_STAMP="$ROOT/jupyter_compute_queue/labextension/package.json"
 
 frontend_fresh() {
-  [ -f "$FRONTEND_STAMP" ] && [ -f "$ROOT/jupyter_compute_queue/static/widget.js" ] || return 1
+  [ -f "$FRONTEND_STAMP" ] && [ -f "$ROOT/jupyter_compute_queue/static/widget.js" ] && [ -f "$ROOT/jupyter_compute_queue/static/page.js" ] || return 1
   local sources=() name
   for name in "${FRONTEND_SOURCES[@]}"; do sources+=("$ROOT/labextension/$name"); done
   [ -z "$(find "${sources[@]}" -newer "$FRONTEND_STAMP" -print -quit 2>/dev/null)" ]

@@ -16,6 +16,7 @@ from ..jobs import DataRef, canonical_json
 from ..runs import RunRecord
 from .base import BaseHandler, allow_unauthenticated
 from .files import attachment_headers, stream_zip
+from .ui import UIAssetHandler, UIPageHandler, WorkerTokenHandler
 
 API = r"/compute-queue"
 _cleanups: set[asyncio.Future[None]] = set()  # aborts in flight, kept from the collector
@@ -363,6 +364,9 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     ("f/{key}/exists", BlobExistsHandler),
     ("f/{key}", BlobHandler),
     ("q/{queue}/status", StatusHandler),
+    ("q/{queue}/worker-token", WorkerTokenHandler),
+    ("ui/", UIPageHandler),
+    ("ui/{asset}", UIAssetHandler),
     ("q/{queue}", QueueHandler),
     ("q/{queue}/j", QueueHandler),
     ("j/{job}/copy", CopyHandler),
@@ -388,6 +392,7 @@ PARAMETERS = {
     "kind": r"inputs|outputs",
     "path": r".+",
     "part": r"definition\.json|result\.json|namespaces\.json|logs",
+    "asset": r"[A-Za-z0-9._-]+",
 }
 
 

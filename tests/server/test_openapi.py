@@ -40,7 +40,13 @@ VERBS = tuple(m.lower() for m in web.RequestHandler.SUPPORTED_METHODS)
 #: The websockets of SPEC §7: not HTTP routes, listed under ``x-websockets``.
 WEBSOCKETS = {"/q/{queue}/ws", "/worker"}
 #: Values for the path parameters when a path is turned into a URL.
-SAMPLES = {"key": "ab" * 32, "queue": "demo", "job": "cd" * 32, "path": "data/x.csv"}
+SAMPLES = {
+    "key": "ab" * 32,
+    "queue": "demo",
+    "job": "cd" * 32,
+    "path": "data/x.csv",
+    "asset": "page.js",
+}
 TEMPLATE_PARAMETER = re.compile(r"\{(\w+)\}")
 ERROR = "#/components/schemas/Error"
 
