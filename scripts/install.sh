@@ -97,5 +97,18 @@ install_python() {
   fi
 }
 
+# An editable install copies the built extension into the venv once. Link its parts instead, so
+# a rebuild (`npm run build` in labextension/) shows on the next JupyterLab start.
+link_frontend() {
+  local target="$VENV/share/jupyter/labextensions/jupyter-compute-queue"
+  local built="$ROOT/jupyter_compute_queue/labextension"
+  [ -f "$built/package.json" ] || return 0
+  rm -rf "$target" && mkdir -p "$target"
+  ln -s "$built/package.json" "$target/package.json"
+  ln -s "$built/static" "$target/static"
+  ln -s "$ROOT/labextension/install.json" "$target/install.json"
+}
+
 install_system
 install_python
+link_frontend
