@@ -4,23 +4,43 @@ The front end is ``static/widget.js`` (built from ``labextension/src/widget.ts``
 ``KernelJobSource`` is the other end of this contract (docs/frontend.md):
 
 * **traits** (kernel → front end): the run's ``job_id run_id queue state phase reason
-  exit_code message outputs queued_at started_at finished_at cached``, its ``job_url`` and
-  ``page_url``, the ``definition``, the ``mode`` (``job`` or ``editor``) and ``error``.
-* **custom messages** front end → kernel, each answered first by ``{"type": "ack", "of"}``
-  so the front end can tell a kernel that is busy (a blocked cell whose front end cannot
-  send comms on a subshell) and say to interrupt it instead:
-  ``{"type": "logs", "since"}`` (replay), ``cancel``, ``rerun``,
-  ``{"type": "submit", "definition", "queue", "files": [names]}`` with one buffer per file,
-  ``{"type": "read", "id", "path", "max"}`` and ``{"type": "zip", "id"}`` (bytes of an output or
-  of all of them, for previews and downloads when the host is not the page's own server),
-  ``rendered``.
-* kernel → front end: ``{"type": "logs", "offset", "records"}`` (log deltas with their offsets,
-  never a growing trait) and ``{"type": "file", "id", "path", "size" | "error"}`` with the bytes
-  as a buffer.
+  exit_code message outputs queued_at started_at finished_at cached``, its ``job_url`` (for
+  direct download links) and ``page_url`` (the job page), the ``definition`` (what the editor
+  starts from: the host's stored definition of the job), the ``mode`` (``job``, or ``editor``
+  before a job is submitted) and ``error`` (the last failure, e.g. the host refusing a
+  definition: its message names the field).
+* **custom messages** front end → kernel. Each carries an ``id`` and is answered first by
+  ``{"type": "ack", "of": type, "id": id}``, so the front end can tell a kernel that is busy
+  (a blocked cell whose front end cannot send comms on a subshell) and say to interrupt it.
+  The front end sends an unacknowledged request again (its first messages can leave before
+  its comm subshell exists); an id already handled is only acknowledged:
+
+  - ``{"type": "logs", "id", "since"}``: replay the log from byte ``since`` (a view opening,
+    or a gap it noticed);
+  - ``{"type": "cancel", "id"}``, ``{"type": "rerun", "id"}``,
+    ``{"type": "submit", "id", "definition", "queue", "files": [names]}`` with one buffer per
+    file (the editor's uploads, put under ``/inputs/<name>``): each answered, once done, by
+    ``{"type": "done", "of", "id"}`` with ``"error"`` when it failed (also set as ``error``);
+  - ``{"type": "read", "id", "path", "max"}``: the first ``max`` bytes of an output (all of
+    it when smaller; previews and downloads when the host is not the page's own server);
+    ``{"type": "zip", "id", "max"}``: all outputs as a zip, refused over ``max`` bytes;
+    answered by ``{"type": "file", "id", "path", "size"}`` with the bytes as one buffer, or
+    ``{"type": "file", "id", "error"}``;
+  - ``{"type": "rendered", "id"}``: a view is shown (the ``%%container`` magic falls back to
+    plain text when no front end says so within a few seconds).
+* kernel → front end: ``{"type": "logs", "run", "offset", "records"}``: log deltas with their
+  offsets, never a growing trait.
+
+The widget's comm keeps the front end's messages on the subshell they were sent on (see
+:func:`_answer_on_the_senders_subshell`): that is what lets Cancel reach the kernel while the
+magic's cell blocks.
 
 Two daemon threads follow a job: one waits on its state (the queue websocket, through
 ``Job.wait`` and ``Job.on_change``), one moves its log into a bounded in-memory buffer (for
-replays when a view is re-rendered) and on to the front end in batches.
+replays when a view is re-rendered) and on to the front end in batches. Reads of outputs run
+in threads of their own, so a large one does not hold up a Cancel.
+
+``JobWidget(job)`` shows a job; :func:`editor` (or ``JobWidget.editor``) opens the editor.
 """
 
 from __future__ import annotations
@@ -30,8 +50,11 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import anywidget
 import traitlets
@@ -42,6 +65,8 @@ from .logs import LogRecord
 if TYPE_CHECKING:
     from .client import Client
     from .job import Job
+
+__all__ = ["JobWidget", "editor"]
 
 log = logging.getLogger("jupyter_compute_queue.widget")
 
@@ -54,6 +79,8 @@ MESSAGE_BYTES = 256 * 1024
 BATCH_SECONDS = 0.05
 #: Largest output sent through the kernel (previews and downloads from another host).
 READ_MAX = 64 * 1024 * 1024
+#: Request ids remembered, so that a copy of a request is handled once.
+HANDLED_IDS = 1024
 
 
 def _bundle() -> Path:
@@ -109,7 +136,8 @@ class JobWidget(anywidget.AnyWidget):
         namespace: str | None = None,
     ) -> None:
         _bundle()  # a clear error when the package was installed without its assets
-        super().__init__()
+        # The mode is set before the widget opens: a view never flashes the other one.
+        super().__init__(mode="editor" if job is None else "job")
         if job is None and client is None:
             from .client import Client
 
@@ -125,14 +153,40 @@ class JobWidget(anywidget.AnyWidget):
         self._buffered = 0
         self._stop = threading.Event()
         self._remove_listener: Any = None
+        self._handled: OrderedDict[str, None] = OrderedDict()
         self.on_msg(self._received)
+        _answer_on_the_senders_subshell(self)
         if definition is not None:
             self.definition = dict(definition)
         if job is None:
-            self.mode = "editor"
             self.queue = queue or self.client.queue
         else:
             self.follow(job)
+
+    @classmethod
+    def editor(
+        cls,
+        queue: str | None = None,
+        image: str | None = None,
+        command: str | list[str] | None = None,
+        *,
+        definition: dict[str, Any] | None = None,
+        client: Client | None = None,
+        namespace: str | None = None,
+    ) -> JobWidget:
+        """An editor to compose and submit a job, prefilled with ``definition`` and/or
+        ``image`` and ``command``; it shows the job once submitted. The queue defaults to the
+        client's (``local``)."""
+        prefill = dict(definition or {})
+        if image is not None:
+            prefill["image"] = image
+        if command is not None:
+            prefill["command"] = command
+        if client is None:
+            from .client import Client
+
+            client = Client(queue=queue or "local")
+        return cls(client=client, definition=prefill, queue=queue, namespace=namespace)
 
     # --- following a job ------------------------------------------------------------------------
 
@@ -160,26 +214,31 @@ class JobWidget(anywidget.AnyWidget):
         if job is not self.job:
             return
         record = job.record
-        stamp = (lambda t: t.isoformat().replace("+00:00", "Z") if t else None) if record else None
         with self.hold_sync():
             self.job_id, self.run_id, self.queue = job.job_id, job.run_id, job.queue
             self.state, self.cached = job.state, job.cached
             self.job_url, self.page_url = job.url, job.page_url
-            if record is not None and stamp is not None:
-                self.phase = record.phase.value if record.phase else None
-                self.reason = record.reason.value if record.reason else None
-                self.exit_code, self.message = record.exit_code, record.message
-                self.outputs = {
-                    p: {"key": o.key, "size": o.size} for p, o in record.outputs.items()
-                }
-                self.queued_at = stamp(record.queued_at)
-                self.started_at = stamp(record.started_at)
-                self.finished_at = stamp(record.finished_at)
+            # Without a record yet (just submitted), nothing of an earlier run stays shown.
+            self.phase = record.phase.value if record and record.phase else None
+            self.reason = record.reason.value if record and record.reason else None
+            self.exit_code = record.exit_code if record else None
+            self.message = record.message if record else None
+            self.outputs = (
+                {p: {"key": o.key, "size": o.size} for p, o in record.outputs.items()}
+                if record
+                else {}
+            )
+            self.queued_at = _stamp(record.queued_at if record else None)
+            self.started_at = _stamp(record.started_at if record else None)
+            self.finished_at = _stamp(record.finished_at if record else None)
 
     def _follow_state(self, job: Job, stop: threading.Event) -> None:
-        try:
-            if not self.definition:
+        if not self.definition:  # what the editor (Edit) starts from; not needed to follow
+            try:
                 self.definition = job.definition()
+            except ComputeQueueError as exc:
+                log.debug("no definition for the widget's editor: %s", exc)
+        try:
             while not stop.is_set():
                 with contextlib.suppress(ComputeQueueError):  # a timeout: look again
                     job.wait(timeout=30)
@@ -232,27 +291,44 @@ class JobWidget(anywidget.AnyWidget):
             self._buffered += sum(map(_size, records))
             while self._buffered > BUFFER_BYTES and len(self._records) > 1:
                 self._buffered -= _size(self._records.pop(0))
-        self.send({"type": "logs", "offset": records[0].o, "records": [_wire(r) for r in records]})
+            self._send_logs(job, records)
+
+    def _send_logs(self, job: Job, records: list[LogRecord]) -> None:
+        self.send(
+            {
+                "type": "logs",
+                "run": job.run_id,
+                "offset": records[0].o,
+                "records": [_wire(r) for r in records],
+            }
+        )
 
     def _replay(self, since: int) -> None:
         with self._lock:
             job, records = self.job, list(self._records)
-        if job is None:
-            return
-        if not records or records[0].o > since:  # older than the buffer: ask the host
-            try:
-                records = job.log_records(since=since)
-            except ComputeQueueError as exc:
-                self.error = f"could not read the log: {exc}"
+            if job is None:
                 return
-        records = [r for r in records if r.end > since]
+            if records and records[0].o <= since:
+                # Sent under the lock: no live batch can come between the buffer and it.
+                self._send_chunks(job, [r for r in records if r.end > since])
+                return
+        try:  # older than the buffer: ask the host (a live batch may overtake it; the front
+            # end waits for the gap to be filled)
+            records = job.log_records(since=since)
+        except ComputeQueueError as exc:
+            self.error = f"could not read the log: {exc}"
+            return
+        self._send_chunks(job, [r for r in records if r.end > since])
+
+    def _send_chunks(self, job: Job, records: list[LogRecord]) -> None:
+        """Send records in messages of at most about MESSAGE_BYTES."""
         while records:
             chunk: list[LogRecord] = []
             size = 0
             while records and (not chunk or size + _size(records[0]) <= MESSAGE_BYTES):
                 size += _size(records[0])
                 chunk.append(records.pop(0))
-            self.send({"type": "logs", "offset": chunk[0].o, "records": [_wire(r) for r in chunk]})
+            self._send_logs(job, chunk)
 
     # --- the front end's requests ---------------------------------------------------------------
 
@@ -260,57 +336,84 @@ class JobWidget(anywidget.AnyWidget):
         if not isinstance(content, dict):
             return
         kind = content.get("type")
-        self.send({"type": "ack", "of": kind})
+        request = content.get("id")
+        self.send({"type": "ack", "of": kind, "id": request})
+        if not self._first(request):
+            return  # a copy the front end sent while it waited for the ack
+        if kind == "rendered":
+            self.rendered.set()
+        elif kind == "logs":
+            self._replay(int(content.get("since") or 0))
+        elif kind in ("cancel", "rerun", "submit"):
+            self._act(str(kind), request, content, buffers or [])
+        elif kind in ("read", "zip"):
+            threading.Thread(
+                target=self._read, args=(content,), name="compute-queue-widget-file", daemon=True
+            ).start()
+
+    def _first(self, request: Any) -> bool:
+        """Whether this request id is new (requests without an id always are)."""
+        if not isinstance(request, str):
+            return True
+        with self._lock:
+            if request in self._handled:
+                return False
+            self._handled[request] = None
+            while len(self._handled) > HANDLED_IDS:
+                self._handled.popitem(last=False)
+            return True
+
+    def _act(self, kind: str, request: Any, content: dict[str, Any], buffers: list[bytes]) -> None:
+        """Cancel, rerun or submit; answers ``done`` (with the error when it failed)."""
         try:
-            if kind == "rendered":
-                self.rendered.set()
-            elif kind == "logs":
-                self._replay(int(content.get("since") or 0))
-            elif kind == "cancel" and self.job is not None:
-                self.job.cancel()
-            elif kind == "rerun" and self.job is not None:
+            if kind == "submit":
+                self.error = ""
+                self._submit(content, buffers)
+            elif self.job is None:
+                raise ValueError(f"there is no job to {kind} yet")
+            elif kind == "cancel":
+                self.job.cancel()  # no namespace: a person pressing Cancel cancels the run
+            else:
                 definition = self.job.definition()
                 self.follow(
                     self.client.submit(
                         definition, queue=self.job.queue, namespace=self.namespace, rerun=True
                     )
                 )
-            elif kind == "submit":
-                self._submit(content, buffers or [])
-            elif kind in ("read", "zip"):
-                self._read(content)
         except (ComputeQueueError, ValueError, OSError) as exc:
             self.error = str(exc)
+            self.send({"type": "done", "of": kind, "id": request, "error": str(exc)})
+        else:
+            self.send({"type": "done", "of": kind, "id": request})
 
     def _submit(self, content: dict[str, Any], buffers: list[bytes]) -> None:
         definition = content.get("definition")
         if not isinstance(definition, dict):
             raise ValueError("the editor sent no definition")
         names = content.get("files") or []
-        if len(names) != len(buffers):
+        if not isinstance(names, list) or len(names) != len(buffers):
             raise ValueError(f"the editor sent {len(buffers)} file(s) for {len(names)} name(s)")
         files = {str(name): bytes(data) for name, data in zip(names, buffers, strict=True)}
         queue_name = str(content.get("queue") or self.queue or "local")
-        self.error = ""
-        self.definition = definition
-        self.follow(
-            self.client.submit(
-                definition, queue=queue_name, namespace=self.namespace, files=files or None
-            )
+        job = self.client.submit(
+            definition, queue=queue_name, namespace=self.namespace, files=files or None
         )
+        self.definition = {}  # the host's (with the uploaded inputs) replaces it: _follow_state
+        self.follow(job)
 
     def _read(self, content: dict[str, Any]) -> None:
         request = content.get("id")
         job = self.job
         try:
+            limit = min(int(content.get("max") or READ_MAX), READ_MAX)
             if job is None:
                 raise ComputeQueueError("there is no job yet")
             if content["type"] == "zip":
-                path, data = "outputs.zip", _zip_bytes(job)
+                path, data = "outputs.zip", _zip_bytes(job, limit)
             else:
                 path = str(content.get("path"))
-                data = job.read_output(path, min(int(content.get("max") or READ_MAX), READ_MAX))
-        except (ComputeQueueError, ValueError, KeyError) as exc:
+                data = _read_head(job, path, limit)
+        except (ComputeQueueError, ValueError, KeyError, OSError) as exc:
             self.send({"type": "file", "id": request, "error": str(exc)})
             return
         self.send({"type": "file", "id": request, "path": path, "size": len(data)}, [data])
@@ -337,14 +440,67 @@ class JobWidget(anywidget.AnyWidget):
 
     def close(self) -> None:
         self._stop.set()
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
         super().close()
 
 
-def _zip_bytes(job: Job) -> bytes:
+def _answer_on_the_senders_subshell(widget: JobWidget) -> None:
+    """Let the front end's messages reach the kernel on the subshell it sent them on.
+
+    JupyterLab ≥ 4.4 sends comm messages on a kernel subshell (ipykernel 7), so the kernel
+    reads them while a cell blocks (the ``%%container`` magic waits for its job): that is how
+    Cancel works during the cell. But ipykernel 7.4 routes a comm's incoming messages to the
+    (sub)shell that last *sent* on the comm, for widgets that await a reply inside a cell. This
+    widget sends from the cell's threads (the main shell), which would queue every message
+    behind the blocked cell. It never awaits a reply in a cell, so it keeps the sender's own
+    subshell (``default``). Kernels without that routing are left as they are.
+    """
+    comm = getattr(widget, "comm", None)
+    if comm is not None and callable(getattr(comm, "_reply_subshell_for", None)):
+        comm._reply_subshell_for = lambda _data, default: default
+
+
+def editor(
+    queue: str | None = None,
+    image: str | None = None,
+    command: str | list[str] | None = None,
+    *,
+    definition: dict[str, Any] | None = None,
+    client: Client | None = None,
+    namespace: str | None = None,
+) -> JobWidget:
+    """A job editor widget (see :meth:`JobWidget.editor`): display it, fill it in, Submit."""
+    return JobWidget.editor(
+        queue, image, command, definition=definition, client=client, namespace=namespace
+    )
+
+
+def _stamp(moment: datetime | None) -> str | None:
+    """A time as the wire has it: ISO 8601 UTC with a ``Z``."""
+    return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
+
+
+def _read_head(job: Job, path: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of an output of the job's finished run."""
+    outputs = job.outputs
+    if not job.finished:
+        raise ComputeQueueError(f"job {job.job_id[:12]} has not finished")
+    if path not in outputs:
+        raise ComputeQueueError(f"job {job.job_id[:12]} has no output {path!r}", 404)
+    url = job._path + "outputs/" + quote(path, safe="/")
+    with job.client._request("GET", url, query=job._run_query) as reply:
+        if reply.status != 200:
+            raise reply.error("GET")
+        return reply.read(limit)
+
+
+def _zip_bytes(job: Job, limit: int) -> bytes:
     with job.client._request("GET", job._path + "outputs.zip", query=job._run_query) as reply:
         if reply.status != 200:
             raise reply.error("GET")
-        data: bytes = reply.read(READ_MAX + 1)
-    if len(data) > READ_MAX:
-        raise ValueError(f"the outputs are over {READ_MAX} bytes as a zip: download them")
+        data: bytes = reply.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"the outputs are over {limit} bytes as a zip: download them")
     return data

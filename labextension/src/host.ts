@@ -9,6 +9,8 @@ import {
   type JobSource,
   type LogListener,
   type LogRecord,
+  type Mode,
+  type SubmitOptions,
   LogCursor,
   emptySnapshot,
   encodePath
@@ -44,11 +46,53 @@ type HostMessage =
 
 function snapshotOf(run: RunRecord): JobSnapshot {
   const { jobId, runId, queue, state, phase, reason, exitCode, message, outputs } = run;
-  const { queuedAt, startedAt, finishedAt } = run;
+  const { cached, queuedAt, startedAt, finishedAt } = run;
   return {
     ...{ jobId, runId, queue, state, phase, reason, exitCode, message },
-    ...{ outputs: outputs ?? {}, queuedAt, startedAt, finishedAt }
+    ...{ outputs: outputs ?? {}, cached: cached ?? null, queuedAt, startedAt, finishedAt }
   };
+}
+
+/** Inputs this size or smaller go inline in the definition; larger ones as blobs. */
+const INLINE_BYTES = 64 * 1024;
+
+function base64(data: Uint8Array): string {
+  let binary = '';
+  for (let i = 0; i < data.length; i += 0x8000) {
+    binary += String.fromCharCode(...data.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
+
+function hex(digest: ArrayBuffer): string {
+  return [...new Uint8Array(digest)].map(b => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** The first `maxBytes` bytes of a response's body, without reading the rest. */
+export async function readHead(response: Response, maxBytes: number): Promise<Uint8Array> {
+  const reader = response.body?.getReader();
+  if (!reader) {
+    return new Uint8Array(await response.arrayBuffer()).slice(0, maxBytes);
+  }
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  while (size < maxBytes) {
+    const { done, value } = await reader.read();
+    if (done) {
+      break;
+    }
+    chunks.push(value);
+    size += value.length;
+  }
+  await reader.cancel().catch(() => undefined);
+  const head = new Uint8Array(Math.min(size, maxBytes));
+  let at = 0;
+  for (const chunk of chunks) {
+    const part = chunk.subarray(0, head.length - at);
+    head.set(part, at);
+    at += part.length;
+  }
+  return head;
 }
 
 function cookie(name: string): string | undefined {
@@ -63,7 +107,10 @@ export class HostJobSource implements JobSource {
   /** Settles when the job's first state has been read (at once without a job). */
   readonly ready: Promise<void>;
   private current: JobSnapshot = emptySnapshot();
-  private definition: JobDefinition | null = null;
+  private known: JobDefinition | null = null;
+  private failure: string | null = null;
+  private disconnected: string | null = null;
+  private queue: string;
   private readonly changeListeners = new Set<(snapshot: JobSnapshot) => void>();
   private readonly cursors = new Set<LogCursor>();
   private socket: WebSocket | null = null;
@@ -73,15 +120,34 @@ export class HostJobSource implements JobSource {
   private readonly fetch: typeof fetch;
 
   constructor(private readonly options: HostOptions) {
+    this.queue = options.queue;
     this.api = `${options.baseUrl}compute-queue/`;
     this.fetch = options.fetch ?? fetch.bind(globalThis);
     this.ready = options.jobId ? this.load(options.jobId) : Promise.resolve();
-    this.ready.catch(() => undefined); // a view learns of it through `ready`, if it asks
+    // A view learns of a failure through `error` (or `ready`, if it asks).
+    this.ready.catch(error => this.fail(error));
     this.connect();
   }
 
   get snapshot(): JobSnapshot {
     return this.current;
+  }
+
+  /** `editor` only for a source made without a job, until it submits one. */
+  get mode(): Mode {
+    return this.current.jobId || this.options.jobId ? 'job' : 'editor';
+  }
+
+  get definition(): JobDefinition | null {
+    return this.known;
+  }
+
+  get error(): string | null {
+    return this.failure;
+  }
+
+  get notice(): string | null {
+    return this.disconnected;
   }
 
   onChange(listener: (snapshot: JobSnapshot) => void): Dispose {
@@ -104,14 +170,52 @@ export class HostJobSource implements JobSource {
   }
 
   async rerun(): Promise<void> {
-    if (!this.definition) {
+    if (!this.known) {
       throw new Error('cannot rerun: the host has not given this job\'s definition');
     }
-    await this.send({ definition: this.definition, rerun: true });
+    await this.send({ definition: this.known, rerun: true });
   }
 
-  async submit(definition: JobDefinition): Promise<void> {
-    await this.send(definition);
+  async submit(definition: JobDefinition, options: SubmitOptions = {}): Promise<void> {
+    const files = options.files ?? [];
+    const full = { ...definition };
+    if (files.length > 0) {
+      const inputs = { ...((full.inputs as Record<string, unknown> | undefined) ?? {}) };
+      for (const file of files) {
+        inputs[file.name] = await this.dataRef(file.data);
+      }
+      full.inputs = inputs;
+    }
+    if (options.queue && options.queue !== this.queue) {
+      this.switchQueue(options.queue);
+    }
+    await this.send(full);
+  }
+
+  async read(path: string, maxBytes: number): Promise<Uint8Array> {
+    const url = this.outputUrl(path);
+    if (!url) {
+      throw new Error('there is no job yet');
+    }
+    return readHead(await this.get(url), maxBytes);
+  }
+
+  async readZip(maxBytes: number): Promise<Uint8Array> {
+    const url = this.zipUrl();
+    if (!url) {
+      throw new Error('there is no job yet');
+    }
+    const data = await readHead(await this.get(url), maxBytes + 1);
+    if (data.length > maxBytes) {
+      throw new Error(`the outputs are over ${maxBytes} bytes as a zip: download them`);
+    }
+    return data;
+  }
+
+  pageUrl(): string | null {
+    const job = this.current.jobId;
+    const queue = encodeURIComponent(this.queue);
+    return job && `${this.api}ui/#?queue=${queue}&job=${job}`;
   }
 
   outputUrl(path: string): string | null {
@@ -132,20 +236,24 @@ export class HostJobSource implements JobSource {
   }
 
   private jobPath(jobId: string): string {
-    return `q/${encodeURIComponent(this.options.queue)}/j/${jobId}`;
+    return `q/${encodeURIComponent(this.queue)}/j/${jobId}`;
   }
 
-  private async request(method: string, path: string, body?: unknown): Promise<any> {
-    const headers: Record<string, string> = { 'Content-Type': 'application/json' };
+  private headers(contentType: string): Record<string, string> {
+    const headers: Record<string, string> = { 'Content-Type': contentType };
     const xsrf = cookie('_xsrf');
     if (this.options.token) {
       headers.Authorization = `token ${this.options.token}`;
     } else if (xsrf) {
       headers['X-XSRFToken'] = xsrf;
     }
+    return headers;
+  }
+
+  private async request(method: string, path: string, body?: unknown): Promise<any> {
     const response = await this.fetch(this.api + path, {
       method,
-      headers,
+      headers: this.headers('application/json'),
       credentials: 'same-origin',
       body: body === undefined ? undefined : JSON.stringify(body)
     });
@@ -156,18 +264,68 @@ export class HostJobSource implements JobSource {
     return answer;
   }
 
+  /** A GET of a file; its response once it answers 200. */
+  private async get(url: string): Promise<Response> {
+    const headers = this.headers('application/octet-stream');
+    delete headers['Content-Type'];
+    const response = await this.fetch(url, { headers, credentials: 'same-origin' });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => null);
+      throw new Error(answer?.error ?? `GET ${url}: HTTP ${response.status}`);
+    }
+    return response;
+  }
+
+  /** An input's DataRef: inline when small, else a blob uploaded to the host (SPEC §2). */
+  private async dataRef(data: Uint8Array): Promise<{ type: string; value: string }> {
+    if (data.length <= INLINE_BYTES) {
+      return { type: 'base64', value: base64(data) };
+    }
+    if (!globalThis.crypto?.subtle) {
+      throw new Error('input files over 64 KiB need a secure page (https or localhost)');
+    }
+    const body = data.slice().buffer as ArrayBuffer;
+    const key = hex(await crypto.subtle.digest('SHA-256', body));
+    const response = await this.fetch(`${this.api}f/${key}`, {
+      method: 'PUT',
+      headers: this.headers('application/octet-stream'),
+      credentials: 'same-origin',
+      body
+    });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => null);
+      throw new Error(answer?.error ?? `uploading an input: HTTP ${response.status}`);
+    }
+    return { type: 'key', value: key };
+  }
+
+  private fail(error: unknown): void {
+    this.failure = error instanceof Error ? error.message : String(error);
+    this.changeListeners.forEach(listener => listener(this.current));
+  }
+
+  /** Follows another queue (a submission to it): its websocket instead of the old one's. */
+  private switchQueue(queue: string): void {
+    this.queue = queue;
+    const old = this.socket;
+    this.socket = null;
+    old?.close();
+    this.connect();
+  }
+
   private async load(jobId: string): Promise<void> {
     const job = await this.request('GET', this.jobPath(jobId));
-    this.definition = job.definition ?? null;
+    this.known = job.definition ?? null;
+    this.failure = null;
     if (job.runs.length > 0) {
       this.set(snapshotOf(job.runs[0]));
     } else {
-      this.set({ ...emptySnapshot(), jobId, queue: this.options.queue });
+      this.set({ ...emptySnapshot(), jobId, queue: this.queue });
     }
   }
 
   private async send(submission: unknown): Promise<void> {
-    const answer = await this.request('POST', `q/${encodeURIComponent(this.options.queue)}`, submission);
+    const answer = await this.request('POST', `q/${encodeURIComponent(this.queue)}`, submission);
     await this.load(answer.jobId);
   }
 
@@ -180,7 +338,7 @@ export class HostJobSource implements JobSource {
         this.message({ type: 'unsubscribe', runId: oldRun });
       }
       // A new run's log starts at offset 0 (LogListener).
-      this.cursors.forEach(cursor => (cursor.position = 0));
+      this.cursors.forEach(cursor => cursor.reset(0));
       this.subscribe();
     }
     this.changeListeners.forEach(listener => listener(snapshot));
@@ -190,7 +348,7 @@ export class HostJobSource implements JobSource {
   private update(run: RunRecord): void {
     const { jobId, runId, queuedAt } = this.current;
     const newer = runId === null || run.runId === runId || run.queuedAt > (queuedAt ?? '');
-    if (run.jobId === jobId && run.queue === this.options.queue && newer) {
+    if (run.jobId === jobId && run.queue === this.queue && newer) {
       this.set(snapshotOf(run));
     }
   }
@@ -214,21 +372,38 @@ export class HostJobSource implements JobSource {
     const base =
       this.options.wsUrl ?? new URL(this.options.baseUrl, location.href).href.replace(/^http/, 'ws');
     const token = this.options.token ? `?token=${encodeURIComponent(this.options.token)}` : '';
-    const queue = encodeURIComponent(this.options.queue);
+    const queue = encodeURIComponent(this.queue);
     const socket = new Socket(`${base}compute-queue/q/${queue}/ws${token}`);
     this.socket = socket;
     socket.onopen = () => {
       this.retry = 0;
+      this.setDisconnected(null);
       this.subscribe();
     };
-    socket.onmessage = event => this.received(JSON.parse(event.data) as HostMessage);
-    socket.onclose = () => {
-      if (!this.disposed) {
-        // Reconnect with backoff; a resubscription resumes each log where it stopped.
-        this.retry = Math.min(this.retry + 1, 5);
-        setTimeout(() => this.connect(), 500 * 2 ** this.retry);
+    socket.onmessage = event => {
+      if (this.socket === socket) {
+        this.received(JSON.parse(event.data) as HostMessage);
       }
     };
+    socket.onclose = () => {
+      if (!this.disposed && this.socket === socket) {
+        // Reconnect with backoff; a resubscription resumes each log where it stopped.
+        this.setDisconnected('Lost the connection to the host; reconnecting…');
+        this.retry = Math.min(this.retry + 1, 5);
+        setTimeout(() => {
+          if (!this.disposed && this.socket === socket) {
+            this.connect();
+          }
+        }, 500 * 2 ** this.retry);
+      }
+    };
+  }
+
+  private setDisconnected(notice: string | null): void {
+    if (notice !== this.disconnected) {
+      this.disconnected = notice;
+      this.changeListeners.forEach(listener => listener(this.current));
+    }
   }
 
   private received(message: HostMessage): void {

@@ -40,6 +40,8 @@ export interface JobSnapshot {
   message: string | null;
   /** Output path → file, for the newest run (empty until it has finished). */
   outputs: Record<string, OutputRef>;
+  /** Whether the run is a cached result (a submission answered by an earlier success). */
+  cached: boolean | null;
   /** ISO 8601 UTC times. */
   queuedAt: string | null;
   startedAt: string | null;
@@ -69,23 +71,63 @@ export type LogListener = (offset: number, records: LogRecord[]) => void;
 /** Undoes a subscription. */
 export type Dispose = () => void;
 
+/** What a view shows: the editor (no job yet, or asked for one) or the job. */
+export type Mode = 'job' | 'editor';
+
+/** A file chosen in the browser, to go under `/inputs/<name>` of a submitted job. */
+export interface InputFile {
+  name: string;
+  data: Uint8Array;
+}
+
+/** Where and with what a job is submitted. */
+export interface SubmitOptions {
+  /** The queue (default: the source's own). */
+  queue?: string;
+  /** Input files; a definition input of the same name is replaced. */
+  files?: InputFile[];
+}
+
 /** Where a job view gets its data and sends its actions. */
 export interface JobSource {
   /** The state now. */
   readonly snapshot: JobSnapshot;
-  /** Calls `listener` with each new snapshot. */
+  /** `editor` while there is no job to show (or the other end asks for an editor). */
+  readonly mode: Mode;
+  /** The job's definition (what the editor starts from), or null while unknown. */
+  readonly definition: JobDefinition | null;
+  /** The other end's last error (a refused submission, a lost job …), or null. */
+  readonly error: string | null;
+  /**
+   * What to tell the person about an action still unanswered (a busy kernel that cannot
+   * receive Cancel, a lost connection), or null.
+   */
+  readonly notice: string | null;
+  /** Calls `listener` with each new snapshot, and when mode, definition, error or notice change. */
   onChange(listener: (snapshot: JobSnapshot) => void): Dispose;
   /** Streams the current run's log from byte offset `since` (a replay, then live). */
   onLog(listener: LogListener, since?: number): Dispose;
-  /** Cancels the job's unfinished run. */
+  /** Cancels the job's unfinished run; settles once the other end has done it. */
   cancel(): Promise<void>;
-  /** Runs the job again even if a cached result exists. */
+  /** Runs the job again even if a cached result exists; the snapshot then follows the new run. */
   rerun(): Promise<void>;
-  /** Submits a new job (the editor); the snapshot then follows it. */
-  submit(definition: JobDefinition): Promise<void>;
-  /** Where to download an output file of the newest finished run, or null before a job. */
+  /**
+   * Submits a job (the editor); settles once it is submitted and the snapshot follows it, or
+   * rejects with the host's message (which names the field it refused).
+   */
+  submit(definition: JobDefinition, options?: SubmitOptions): Promise<void>;
+  /** The first `maxBytes` bytes of an output file of the newest finished run (all if smaller). */
+  read(path: string, maxBytes: number): Promise<Uint8Array>;
+  /** All outputs as one zip; rejects when it would be over `maxBytes`. */
+  readZip(maxBytes: number): Promise<Uint8Array>;
+  /** The job page, or null before a job. */
+  pageUrl(): string | null;
+  /**
+   * A direct link to an output file (for files too large to read through `read`; it works
+   * where the browser is allowed to fetch from the host), or null before a job.
+   */
   outputUrl(path: string): string | null;
-  /** Where to download all outputs as a zip, or null before a job. */
+  /** A direct link to all outputs as a zip, or null before a job. */
   zipUrl(): string | null;
   /** Drops every listener and connection. */
   dispose(): void;
@@ -103,6 +145,7 @@ export function emptySnapshot(): JobSnapshot {
     exitCode: null,
     message: null,
     outputs: {},
+    cached: null,
     queuedAt: null,
     startedAt: null,
     finishedAt: null
@@ -129,18 +172,61 @@ function tail(record: LogRecord, from: number): LogRecord {
   return { ...record, o: from, d: rest };
 }
 
+/** Batches a cursor keeps while it waits for a gap to be filled. */
+const MAX_PENDING = 256;
+
 /**
  * Keeps one listener's position in a log stream, so that overlapping replays (another
- * listener asked for an earlier offset, a reconnect resent a batch) reach it only once.
+ * listener asked for an earlier offset, a reconnect resent a batch) reach it only once, in
+ * order. A batch that starts past the position (a live batch overtook the replay that fills
+ * the gap) waits until the gap is filled.
  */
 export class LogCursor {
+  private pending: LogRecord[][] = [];
+
   constructor(
     private readonly listener: LogListener,
     public position = 0
   ) {}
 
-  /** Passes on the part of `records` past this listener's position. */
-  feed(records: LogRecord[]): void {
+  /** Whether a batch waits for an earlier part of the stream. */
+  get gap(): boolean {
+    return this.pending.length > 0;
+  }
+
+  /** Passes on the part of `records` past this listener's position; true when a gap remains. */
+  feed(records: LogRecord[]): boolean {
+    if (records.length > 0) {
+      if (records[0].o > this.position) {
+        this.pending.push(records);
+        if (this.pending.length > MAX_PENDING) {
+          // Nobody filled the gap: show what there is rather than nothing.
+          this.pending.sort((a, b) => a[0].o - b[0].o);
+          this.position = this.pending[0][0].o;
+        }
+      } else {
+        this.deliver(records);
+      }
+    }
+    let moved = true;
+    while (moved) {
+      moved = false;
+      const ready = this.pending.findIndex(batch => batch[0].o <= this.position);
+      if (ready >= 0) {
+        this.deliver(this.pending.splice(ready, 1)[0]);
+        moved = true;
+      }
+    }
+    return this.gap;
+  }
+
+  /** Starts again at `position` (a new run), forgetting waiting batches. */
+  reset(position = 0): void {
+    this.position = position;
+    this.pending = [];
+  }
+
+  private deliver(records: LogRecord[]): void {
     const fresh = records
       .filter(r => recordEnd(r) > this.position)
       .map(r => tail(r, this.position));

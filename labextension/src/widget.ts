@@ -3,22 +3,19 @@
 // browser tests) use the same bundle with a HostJobSource.
 import type { AnyModel, RenderProps } from '@anywidget/types';
 
-import css from '../style/job.css';
 import { KernelJobSource } from './kernel';
-import { injectStyle } from './style';
 import { renderJob } from './view';
 
 export { HostJobSource } from './host';
 export { KernelJobSource } from './kernel';
 export { LogCursor, emptySnapshot, recordEnd } from './source';
-export { renderJob } from './view';
+export { injectJobStyles, renderJob } from './view';
 
 function render({ model, el }: Pick<RenderProps, 'model' | 'el'>): () => void {
-  injectStyle('jupyter-compute-queue-job-style', css);
   const source = new KernelJobSource(model as AnyModel);
   const remove = renderJob(el, source);
   // The kernel side (widget.py) waits for this to know a front end shows the widget.
-  model.send({ type: 'rendered' });
+  source.rendered();
   return () => {
     remove();
     source.dispose();

@@ -29,7 +29,16 @@ try:
 except ImportError:  # the test extra has it: only a half-done install gets here
     missing("Playwright is not installed", INSTALL_PLAYWRIGHT)
 
-__all__ = ["LabServer", "Locator", "Page", "expect", "open_notebook", "run_cell"]
+__all__ = [
+    "LabServer",
+    "Locator",
+    "Page",
+    "expect",
+    "open_notebook",
+    "run_cell",
+    "terminal",
+    "wait_for_cell",
+]
 
 BASE_URL = "/cq-lab/"
 START_TIMEOUT = 60.0
@@ -201,8 +210,11 @@ def open_notebook(page: Page, path: str) -> Locator:
     return panel
 
 
-def run_cell(page: Page, panel: Locator, code: str, timeout: float = 60_000) -> Locator:
-    """Types `code` into the notebook's active cell, runs it with Shift+Enter, waits for it.
+def run_cell(
+    page: Page, panel: Locator, code: str, timeout: float = 60_000, wait: bool = True
+) -> Locator:
+    """Types `code` into the notebook's active cell, runs it with Shift+Enter, waits for it
+    (with ``wait=False`` only until it has started, for cells that block).
 
     Returns the cell, whose ``.jp-OutputArea`` holds what it showed.
     """
@@ -212,5 +224,18 @@ def run_cell(page: Page, panel: Locator, code: str, timeout: float = 60_000) -> 
     # insert_text, not type: typing would trigger the editor's bracket auto-closing.
     page.keyboard.insert_text(code)
     page.keyboard.press("Shift+Enter")
-    expect(cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=timeout)
+    if wait:
+        wait_for_cell(cell, timeout)
+    else:
+        expect(cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[[*\d]+\]"))
     return cell
+
+
+def wait_for_cell(cell: Locator, timeout: float = 60_000) -> None:
+    """Waits until the cell has run (its prompt shows its execution count)."""
+    expect(cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=timeout)
+
+
+def terminal(view: Locator) -> Locator:
+    """The rows of the job view's terminal (xterm.js renders them as text)."""
+    return view.locator(".jcq-terminal .xterm-rows")

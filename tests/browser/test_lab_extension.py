@@ -110,8 +110,8 @@ def test_widget_renders_and_syncs_in_a_notebook(lab_page: Page, lab: LabServer) 
 
     # The view asked the kernel to replay the log from the start, and said it was shown.
     replies = run_cell(lab_page, notebook, "print(job.received)").locator(".jp-OutputArea")
-    expect(replies).to_contain_text("{'type': 'logs', 'since': 0}")
-    expect(replies).to_contain_text("{'type': 'rendered'}")
+    expect(replies).to_contain_text("{'type': 'logs', 'since': 0, 'id': ")
+    expect(replies).to_contain_text("{'type': 'rendered', 'id': ")
 
 
 def test_host_source_follows_a_job_over_rest_and_websocket(lab_page: Page, lab: LabServer) -> None:
