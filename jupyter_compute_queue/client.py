@@ -56,7 +56,7 @@ from pydantic import ValidationError
 
 from .discovery import Host, find_host
 from .errors import ComputeQueueError, HostNotFound, JobTimeout
-from .http import CHUNK, Body, HttpClient
+from .http import CHUNK, Body, HttpClient, blob_upload_headers
 from .job import Job
 from .jobs import DataRef
 from .logs import LogRecord
@@ -393,7 +393,7 @@ class Client(HttpClient):
                     return blob.chunks(lambda sent: meter.update(base + sent))
 
                 body = Body(blob.size, chunks)
-                headers = {"Content-Type": "application/octet-stream"}
+                headers = blob_upload_headers(blob.key)
                 with self._request("PUT", f"f/{blob.key}", headers=headers, body=body) as reply:
                     if not 200 <= reply.status < 300:
                         raise reply.error("PUT")

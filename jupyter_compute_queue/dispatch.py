@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from .access import Action, Identity
 from .events import EventBus, LogsAppended, WorkerChanged
 from .logs import LogStore
-from .runs import Phase, RunRecord, RunState
+from .runs import Phase, Reason, RunRecord, RunState
 from .service_base import BadRequest, Forbidden, ServiceConfig
 from .store.base import Assignment, Capacity, Conflict, Held, NotFound, Outcome, Store, WorkerInfo
 
@@ -45,9 +45,11 @@ class WorkerSide:
     _sessions: dict[str, WorkerSession]
     stopped: bool
     _fences: dict[str, tuple[int, str, str]]  # run id → (fence, worker, queue)
-    # Defined by the service: the access check and how a changed run is announced.
+    # Defined by the service: the access check, how a changed run is announced, and whether
+    # a blob is stored with the bytes its key names.
     check: Callable[[Identity, Action, str | None], None]
     _publish: Callable[[RunRecord], None]
+    has_blob: Callable[[str], Awaitable[bool]]
 
     async def connect_worker(
         self,
@@ -185,13 +187,37 @@ class WorkerSide:
 
     async def finish(self, worker_id: str, run_id: str, fence: int, outcome: Outcome) -> RunRecord:
         """A worker's result. Conflict for a stale fence; a duplicate is accepted unchanged."""
-        outcome = replace(outcome, log_bytes=self.logs.size(run_id))
+        outcome = await self._check_outputs(replace(outcome, log_bytes=self.logs.size(run_id)))
         change = await self.store.finish(run_id, fence, worker_id, outcome, self.clock())
         self._fences.pop(run_id, None)
         self.logs.close(run_id)
         if change.changed:
             self._publish(change.record)
         return change.record
+
+    async def _check_outputs(self, outcome: Outcome) -> Outcome:
+        """A run's outputs must be on the host with the bytes their keys name (an S3 upload
+        bypasses the host, which checks it here): the others are dropped from the result, and
+        a run missing some is not a Success."""
+        if not outcome.outputs:
+            return outcome
+        limit = asyncio.Semaphore(16)
+
+        async def present(key: str) -> bool:
+            async with limit:
+                return await self.has_blob(key)
+
+        found = await asyncio.gather(*(present(o.key) for o in outcome.outputs.values()))
+        missing = sorted(p for p, ok in zip(outcome.outputs, found, strict=True) if not ok)
+        if not missing:
+            return outcome
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        why = f"outputs not stored on the host: {', '.join(missing[:5])}{more}"
+        kept = {p: o for p, o in outcome.outputs.items() if p not in missing}
+        if outcome.reason is Reason.SUCCESS:
+            return replace(outcome, outputs=kept, reason=Reason.ERROR, message=why)
+        message = f"{outcome.message}; {why}" if outcome.message else why
+        return replace(outcome, outputs=kept, message=message)
 
     async def expire_leases(self) -> list[RunRecord]:
         """Requeue the runs of workers whose lease passed (WorkerLost at max_lost)."""

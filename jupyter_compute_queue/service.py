@@ -14,12 +14,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from . import metrics
 from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
-from .blobs import BlobStore
+from .blobs import BlobNotFound, BlobStore
+from .callbacks import CallbackSender, check_callbacks
 from .dispatch import WorkerSession, WorkerSide
 from .events import EventBus, RunChanged
 from .jobs import InvalidJob, JobDefinition, canonical_json, job_id, parse_definition
 from .logs import LogStore
+from .metrics import QueueStats
 from .runs import DEFAULT_NAMESPACE, RunRecord, RunState
 from .service_base import DAY, BadRequest, Forbidden, ServiceConfig, ServiceError, TooLarge
 from .store.base import (
@@ -66,23 +69,31 @@ class QueueService(WorkerSide):
         self._fences: dict[str, tuple[int, str, str]] = {}  # run id → (fence, worker, queue)
         self._tasks: list[asyncio.Task[None]] = []
         self._touched: dict[str, float] = {}  # run id → when this process last recorded a read
-        self._active: set[str] = set()  # runs queued or running, for the idle culler
+        #: Live counts: unfinished runs (for the idle culler) and the metrics.
+        self.stats = QueueStats(clock)
+        self.callbacks = CallbackSender(store, self.config, clock)
         self.stopped = False  # set by stop(): sockets closing after it leave the store alone
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the sweepers. Workers get a fresh lease: the host's own downtime is not theirs."""
+        """Start the sweepers, the callback sender and the metrics. Workers get a fresh lease:
+        the host's own downtime is not theirs."""
         await self.store.extend_leases(self.clock(), self.config.lease_seconds)
-        self._active = set(await self.store.active_run_ids())
+        self.stats.load(await self.store.active_runs())
         self._tasks = [
             asyncio.create_task(self._every(self.config.lease_seconds / 6, self.expire_leases)),
             asyncio.create_task(self._every(self.config.retention_interval, self.sweep)),
         ]
+        self.callbacks.start()
+        metrics.track(self)
 
     async def stop(self) -> None:
-        """Stop the sweepers (the caller closes the store, logs and blobs)."""
+        """Stop the sweepers and the callback sender (the caller closes the store, logs and
+        blobs)."""
         self.stopped = True
+        metrics.untrack(self)
+        await self.callbacks.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -136,9 +147,12 @@ class QueueService(WorkerSide):
         ]
         results = await self.store.submit(requests, self.clock())
         for result in results:
+            self.stats.submitted(queue, result.outcome)
             if result.outcome != "cached":
                 self._publish(result.record)
             await self._apply(result.released)
+        if any(r.callbacks for r in requests):
+            self.callbacks.wake()
         await self.dispatch(queue)
         answers = [self._answer(r.record) for r in results]
         return answers if isinstance(payload, list) else answers[0]
@@ -151,8 +165,7 @@ class QueueService(WorkerSide):
         unknown = set(envelope) - {"definition", "namespace", "rerun", "callbacks"}
         if unknown:
             raise BadRequest(f"{where}{sorted(unknown)[0]}: unknown field of the envelope")
-        if envelope.get("callbacks"):
-            raise BadRequest(f"{where}callbacks: not supported by this host yet")
+        callbacks = await check_callbacks(envelope.get("callbacks"), self.policy.public, where)
         namespace = envelope.get("namespace") or DEFAULT_NAMESPACE
         rerun = envelope.get("rerun", False)
         if not isinstance(rerun, bool):
@@ -180,15 +193,29 @@ class QueueService(WorkerSide):
             rerun=rerun,
             cache_any_queue=self.config.cache_scope == "host" and not self.policy.public,
             cache_since=self.clock() - self.config.retention_days * DAY,
+            callbacks=callbacks,
         )
 
     async def _check_blobs(self, definition: JobDefinition, where: str) -> None:
         for field_name, path, ref in definition.data_refs():
             key = ref.sha256() if ref.type.value == "key" else None
-            if key is not None and not await self.blobs.exists(key):
+            if key is not None and not await self.has_blob(key):
                 raise BadRequest(
                     f"{where}{field_name}.{path}: blob {key} is not on this host; upload it first"
                 )
+
+    async def has_blob(self, key: str) -> bool:
+        """Whether the blob is stored with the bytes its key names (a store that could not
+        check an upload hashes it now). Asking counts as a touch: a client that is told "yes"
+        skips its upload, so the sweeper must not take the blob before the submission that
+        refers to it."""
+        info = await self.blobs.check(key)
+        if info is None:
+            return False
+        if self.clock() - info.touched_at > min(3600.0, self.config.blob_grace_seconds / 24):
+            with contextlib.suppress(BlobNotFound):
+                await self.blobs.touch(key)
+        return True
 
     def _answer(self, record: RunRecord) -> dict[str, Any]:
         return {
@@ -338,16 +365,28 @@ class QueueService(WorkerSide):
                     await session.stop(change.record.run_id)
 
     def _publish(self, record: RunRecord) -> None:
+        self.stats.run_changed(record)
         if record.finished:
-            self._active.discard(record.run_id)
-        else:
-            self._active.add(record.run_id)
+            self.callbacks.wake()  # its "finished" callbacks became due with it
         self.bus.publish(RunChanged(record))
 
     @property
     def active_runs(self) -> int:
         """How many runs are queued or running."""
-        return len(self._active)
+        return len(self.stats.active)
+
+    def workers_by_queue(self) -> dict[str, int]:
+        """How many connected workers serve each queue."""
+        serving: dict[str, int] = {}
+        for session in list(self._sessions.values()):
+            for queue in session.info.queues:
+                serving[queue] = serving.get(queue, 0) + 1
+        return serving
+
+    def metrics(self, identity: Identity, queue: str) -> bytes:
+        """Prometheus text of one queue; the same access as its status."""
+        self.check(identity, Action.READ, queue)
+        return metrics.queue_metrics(self, queue)
 
     # --- sweepers ---------------------------------------------------------------------------
 

@@ -43,3 +43,13 @@ class ServiceConfig:
     retention_interval: float = 3600.0
     #: Blobs nothing refers to are deleted once nobody touched them for this long.
     blob_grace_seconds: float = DAY
+    #: Attempts to send a callback before giving up, and the backoff between them: the first
+    #: retry after ``callback_backoff`` seconds, doubling up to ``callback_backoff_max``.
+    callback_attempts: int = 10
+    callback_backoff: float = 2.0
+    callback_backoff_max: float = 600.0
+    #: Seconds to connect to a callback's receiver, and for it to answer.
+    callback_timeout: float = 10.0
+    #: Metrics label only queues active within this many seconds (or with unfinished runs or
+    #: connected workers).
+    metrics_window: float = 3600.0

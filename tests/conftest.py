@@ -15,7 +15,7 @@ from jupyter_compute_queue.service import QueueService, ServiceConfig
 from jupyter_compute_queue.store.base import Assignment, Capacity, WorkerInfo
 from jupyter_compute_queue.store.sqlite import SqliteStore
 
-pytest_plugins = ["tests.docker_env"]
+pytest_plugins = ["tests.docker_env", "tests.s3_env"]
 USER = Identity("user", "alice")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "BlobError",
@@ -18,6 +21,7 @@ __all__ = [
     "BlobTooLarge",
     "BlobWriter",
     "InvalidBlobKey",
+    "attachment_disposition",
     "check_key",
 ]
 
@@ -66,6 +70,16 @@ def check_key(key: str) -> str:
             shown = shown[:97] + "..."
         raise InvalidBlobKey(f"invalid blob key {shown}: expected 64 lowercase hex characters")
     return key
+
+
+def attachment_disposition(filename: str) -> str:
+    """``Content-Disposition`` that makes a browser save a file as ``filename`` rather than
+    render it (ASCII fallback plus the RFC 6266 UTF-8 form). Shared by the host's own file
+    responses and the store's presigned downloads."""
+    name = posixpath.basename(filename) or "download"
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    quoted = urllib.parse.quote(name, safe="")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quoted}"
 
 
 def check_max_bytes(max_bytes: int | None) -> int | None:
@@ -126,6 +140,13 @@ class BlobStore(ABC):
     """A content-addressed blob store. Every method rejects a malformed key with
     InvalidBlobKey before doing anything else."""
 
+    @classmethod
+    def from_config(cls, root: Path, parent: Any) -> BlobStore:
+        """The store as the server extension builds it: ``root`` is the blob folder in the
+        host's data dir, ``parent`` the configurable app (a traitlets store reads its own
+        configuration through it). By default ``cls(root)``."""
+        return cls(root)  # type: ignore[call-arg]
+
     @abstractmethod
     async def open_writer(self, key: str, max_bytes: int | None = None) -> BlobWriter:
         """Start writing the blob ``key``, refusing more than ``max_bytes`` bytes."""
@@ -143,6 +164,16 @@ class BlobStore(ABC):
     async def exists(self, key: str) -> bool:
         """Whether the blob is stored."""
         return await self.stat(key) is not None
+
+    async def check(self, key: str) -> BlobInfo | None:
+        """Info about the blob if it is stored *and* holds the bytes its key names, else None.
+
+        The host calls it when something refers to a blob (a submission, a run's outputs). A
+        store that checks every upload itself (the local one) answers like ``stat``; one whose
+        uploads bypass the host (S3) hashes an object it cannot vouch for, once, and deletes
+        it if it does not match.
+        """
+        return await self.stat(key)
 
     @abstractmethod
     def read(self, key: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:

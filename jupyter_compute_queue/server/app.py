@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, Union, default
@@ -62,6 +62,24 @@ class ComputeQueueApp(ExtensionApp):
     retention_days = Float(
         30.0, help="Finished runs, their logs and results are deleted this long after last use."
     ).tag(config=True)
+    blob_grace_seconds = Float(
+        86400.0,
+        help="Blobs that no stored job or run refers to are deleted once nobody touched them "
+        "for this long (an upload or an existence check touches one).",
+    ).tag(config=True)
+    callback_attempts = Int(
+        10, help="Attempts to deliver a submission's callback before giving it up."
+    ).tag(config=True)
+    callback_backoff = Float(
+        2.0,
+        help="Seconds before a failed callback is retried; doubled at each attempt, at most "
+        "10 minutes.",
+    ).tag(config=True)
+    metrics_window = Float(
+        3600.0,
+        help="Metrics label the queues active within this many seconds (and those with "
+        "unfinished runs or connected workers).",
+    ).tag(config=True)
     max_log_bytes = Int(
         16 * 1024 * 1024, help="Log bytes kept per run (the head and a rolling tail)."
     ).tag(config=True)
@@ -85,7 +103,10 @@ class ComputeQueueApp(ExtensionApp):
         config=True
     )
     blob_store_class = Type(
-        LocalBlobStore, klass=BlobStore, help="The blob store (local disk, or S3)."
+        LocalBlobStore,
+        klass=BlobStore,
+        help="The blob store: local disk, or jupyter_compute_queue.blobs.s3.S3BlobStore "
+        "(configured as S3BlobStore.bucket, .endpoint_url …).",
     ).tag(config=True)
 
     @default("data_dir")
@@ -100,7 +121,7 @@ class ComputeQueueApp(ExtensionApp):
         self.service = QueueService(
             self.store_class(root / "state.sqlite"),
             LogStore(root / "logs", max_bytes=self.max_log_bytes),
-            self.blob_store_class(root / "blobs"),
+            cast("type[BlobStore]", self.blob_store_class).from_config(root / "blobs", self),
             ServiceConfig(
                 lease_seconds=self.lease_seconds,
                 max_lost=self.max_lost,
@@ -108,6 +129,10 @@ class ComputeQueueApp(ExtensionApp):
                 cache_scope=self.cache_scope,
                 max_definition_bytes=self.max_definition_bytes,
                 public=self.public,
+                blob_grace_seconds=self.blob_grace_seconds,
+                callback_attempts=self.callback_attempts,
+                callback_backoff=self.callback_backoff,
+                metrics_window=self.metrics_window,
             ),
         )
         self._started: asyncio.Task[None] | None = None

@@ -7,9 +7,10 @@ type comes from a short allow-list; anything else is ``application/octet-stream`
 from __future__ import annotations
 
 import posixpath
-import urllib.parse
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+
+from ..blobs.base import attachment_disposition
 
 #: Extensions whose type may be declared: raster images and plain data formats.
 ALLOWED_TYPES = {
@@ -36,11 +37,9 @@ def content_type(filename: str) -> str:
 def attachment_headers(filename: str, declared_type: str | None = None) -> dict[str, str]:
     """Headers that make a browser download a file instead of rendering it."""
     name = posixpath.basename(filename) or "download"
-    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    quoted = urllib.parse.quote(name, safe="")
     return {
         "Content-Type": declared_type or content_type(name),
-        "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quoted}",
+        "Content-Disposition": attachment_disposition(name),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": SANDBOX_CSP,
     }

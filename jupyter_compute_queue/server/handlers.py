@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
 from ..access import Action
@@ -82,8 +83,7 @@ class BlobHandler(BaseHandler):
         info = await self.service.blobs.stat(check_key(key))
         if info is None:
             raise web.HTTPError(404, f"no blob {key} on this host")
-        self.set_header("Content-Length", str(info.size))
-        await send_blob(self, key, key, head=head)
+        await send_blob(self, key, key, head=head, size=info.size)
 
     def on_finish(self) -> None:
         self._abort()
@@ -107,7 +107,7 @@ class BlobExistsHandler(BaseHandler):
     @allow_unauthenticated
     async def get(self, key: str) -> None:
         self.service.check(self.identity, Action.BLOB_READ, None)
-        if not await self.service.blobs.exists(check_key(key)):
+        if not await self.service.has_blob(check_key(key)):
             raise web.HTTPError(404, f"no blob {key} on this host")
         self.send_json({"exists": True})
 
@@ -144,6 +144,16 @@ class StatusHandler(BaseHandler):
     @allow_unauthenticated
     async def get(self, queue: str) -> None:
         self.send_json(await self.service.status(self.identity, queue))
+
+
+class MetricsHandler(BaseHandler):
+    """``GET q/{queue}/metrics``: Prometheus text for the queue (the access of its status)."""
+
+    @allow_unauthenticated
+    def get(self, queue: str) -> None:
+        text = self.service.metrics(self.identity, queue)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(text)
 
 
 class JobHandler(BaseHandler):
@@ -340,16 +350,23 @@ def _with_outputs(runs: list[dict[str, Any]], run_id: str | None) -> RunRecord |
     return None if chosen is None else RunRecord.model_validate(chosen)
 
 
-async def send_blob(handler: BaseHandler, key: str, filename: str, head: bool = False) -> None:
-    """Stream a blob as an attachment named ``filename`` (or redirect to a presigned URL)."""
+async def send_blob(
+    handler: BaseHandler, key: str, filename: str, head: bool = False, size: int | None = None
+) -> None:
+    """Stream a blob as an attachment named ``filename`` (or redirect to a presigned URL). A
+    HEAD is answered here: a URL presigned for GET is not valid for HEAD."""
     blobs = handler.service.blobs
     headers = attachment_headers(posixpath.basename(filename))
-    url = await blobs.download_url(key, posixpath.basename(filename), headers["Content-Type"])
-    if url is not None:
-        handler.redirect(url, status=307)
-        return
+    if not head:
+        name = posixpath.basename(filename)
+        url = await blobs.download_url(key, name, headers["Content-Type"])
+        if url is not None:
+            handler.redirect(url, status=307)
+            return
     for name, value in headers.items():
         handler.set_header(name, value)
+    if size is not None:
+        handler.set_header("Content-Length", str(size))
     if not head:
         async for chunk in blobs.read(key):
             handler.write(chunk)
@@ -364,6 +381,7 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     ("f/{key}/exists", BlobExistsHandler),
     ("f/{key}", BlobHandler),
     ("q/{queue}/status", StatusHandler),
+    ("q/{queue}/metrics", MetricsHandler),
     ("q/{queue}/worker-token", WorkerTokenHandler),
     ("ui/", UIPageHandler),
     ("ui/{asset}", UIAssetHandler),

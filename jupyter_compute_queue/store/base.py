@@ -45,6 +45,9 @@ class SubmitRequest:
     cache_any_queue: bool = False
     #: Only runs finished after this epoch time count as cached results (retention).
     cache_since: float = 0.0
+    #: URLs to call: ``{"queued": url, "finished": url}`` (either may be absent), checked by
+    #: the service; kept in the same transaction as the submission.
+    callbacks: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,17 @@ class QueueCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class DueCallback:
+    """A callback to send now: its id in the store, event, URL, JSON body and past attempts."""
+
+    id: int
+    event: str
+    url: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Swept:
     """What a retention sweep removed."""
 
@@ -206,7 +220,7 @@ class Store(ABC):
         """A queue's runs, newest first, keyset-paginated."""
 
     @abstractmethod
-    async def active_run_ids(self) -> list[str]:
+    async def active_runs(self) -> list[RunRecord]:
         """Runs that are queued or running, in every queue."""
 
     @abstractmethod
@@ -292,3 +306,23 @@ class Store(ABC):
     @abstractmethod
     async def referenced_blobs(self, keys: Collection[str]) -> set[str]:
         """Which of these blob keys a stored job or run refers to."""
+
+    # --- callbacks (SPEC §11) -------------------------------------------------------------
+    # A submission's callbacks are stored by ``submit``; a ``finished`` one becomes due in the
+    # same transaction that finishes its run.
+
+    @abstractmethod
+    async def due_callbacks(self, now: float, limit: int) -> list[DueCallback]:
+        """Up to ``limit`` callbacks due at ``now``, the longest due first."""
+
+    @abstractmethod
+    async def next_callback_at(self) -> float | None:
+        """When the next callback is due (None: none is, whatever waits for a run)."""
+
+    @abstractmethod
+    async def callbacks_done(self, ids: Collection[int]) -> None:
+        """Forget callbacks that were sent (or given up)."""
+
+    @abstractmethod
+    async def callback_retry(self, callback_id: int, due_at: float) -> None:
+        """Count a failed attempt and make the callback due again at ``due_at``."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..runs import OutputRef, Phase, Reason, RunRecord, RunState, WorkerRef, utc
+from .callbacks import run_finished
 
 #: A run that names no cpus counts as one when fitting it into a worker's free capacity.
 DEFAULT_CPUS = 1.0
@@ -97,13 +98,16 @@ def set_holders(c: sqlite3.Connection, seq: int, namespaces: list[str]) -> None:
 def finish_run(
     c: sqlite3.Connection, seq: int, reason: Reason, message: str | None, now: float
 ) -> RunRecord:
-    """Finish a run for good; a Success becomes the queue's cached result for its job."""
+    """Finish a run for good; a Success becomes the queue's cached result for its job. Its
+    ``finished`` callbacks become due in the same transaction."""
     c.execute(
         "UPDATE runs SET state = 2, phase = NULL, reason = ?, message = ?, finished_at = ?,"
         " accessed_at = ?, cacheable = ? WHERE seq = ?",
         (reason.value, message, now, now, int(reason is Reason.SUCCESS), seq),
     )
-    return _fetch(c, seq)
+    record = _fetch(c, seq)
+    run_finished(c, seq, record, now)
+    return record
 
 
 def requeue_run(c: sqlite3.Connection, seq: int, *, counted: bool) -> RunRecord:

@@ -76,4 +76,21 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX blob_refs_owner ON blob_refs(owner)
     """,
+    # Callbacks of submissions (SPEC §11), kept until sent. seq: the run they are about;
+    # due_at NULL: waiting for that run to finish; payload: the JSON body, set once due.
+    """
+    CREATE TABLE callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        payload TEXT,
+        due_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX callbacks_due ON callbacks(due_at) WHERE due_at IS NOT NULL;
+    CREATE INDEX callbacks_waiting ON callbacks(seq) WHERE due_at IS NULL
+    """,
 ]

@@ -32,6 +32,7 @@ from .base import (
     Swept,
     WorkerInfo,
 )
+from .callbacks import CallbackQueries, add_for_submission
 from .engine import Engine
 from .rows import (
     DEFAULT_CPUS,
@@ -55,7 +56,7 @@ _JOB_FAILURES = {Reason.FAILED.value, Reason.ERROR.value, Reason.TIMED_OUT.value
 _HOST_ENDED = {Reason.CANCELLED.value, Reason.REPLACED.value, Reason.WORKER_LOST.value}
 
 
-class SqliteStore(Store):
+class SqliteStore(CallbackQueries, Store):
     """Durable state in one SQLite file."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -127,10 +128,8 @@ class SqliteStore(Store):
 
         return await self._engine.read(read)
 
-    async def active_run_ids(self) -> list[str]:
-        return await self._engine.read(
-            lambda c: [r[0] for r in c.execute("SELECT run_id FROM runs WHERE state != 2")]
-        )
+    async def active_runs(self) -> list[RunRecord]:
+        return await self._engine.read(lambda c: fetch_runs(c, "state != 2", ()))
 
     async def counts(self, queue: str) -> QueueCounts:
         def read(c: sqlite3.Connection) -> QueueCounts:
@@ -417,6 +416,12 @@ class SqliteStore(Store):
 
 
 def _submit_one(c: sqlite3.Connection, req: SubmitRequest, now: float) -> SubmitResult:
+    result = _submit_run(c, req, now)
+    add_for_submission(c, req, result.record, result.outcome, now)
+    return result
+
+
+def _submit_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> SubmitResult:
     row = c.execute(
         "SELECT seq, namespaces, rerun FROM runs WHERE queue = ? AND job_id = ? AND state != 2",
         (req.queue, req.job_id),

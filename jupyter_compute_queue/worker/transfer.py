@@ -37,7 +37,15 @@ from typing import BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from ..blobs.base import check_key
-from ..http import DEFAULT_PORTS, REDIRECTS, Replay, Reply, origin, under_api
+from ..http import (
+    DEFAULT_PORTS,
+    REDIRECTS,
+    Replay,
+    Reply,
+    blob_upload_headers,
+    origin,
+    under_api,
+)
 
 __all__ = ["ContentCache", "TransferError", "Transfers", "TransientError", "safe_url"]
 
@@ -342,7 +350,7 @@ class Transfers:
             return True
 
     def _put(self, path: Path, key: str, size: int, cancel: threading.Event) -> None:
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        headers = {**blob_upload_headers(key), "Content-Length": str(size)}
         with path.open("rb") as file:
             body = _Upload(path, file, size)
             with self._request("PUT", self.blob_url(key), headers, body, cancel) as response:

@@ -47,8 +47,18 @@ def cq_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def jp_server_config(tmp_path: Path, cq_config: dict[str, Any]) -> dict[str, Any]:
+def extra_server_config() -> dict[str, Any]:
+    """Other top-level config sections for a test (e.g. ``S3BlobStore``; override in a
+    module)."""
+    return {}
+
+
+@pytest.fixture
+def jp_server_config(
+    tmp_path: Path, cq_config: dict[str, Any], extra_server_config: dict[str, Any]
+) -> dict[str, Any]:
     return {
+        **extra_server_config,
         "ServerApp": {"jpserver_extensions": {"jupyter_compute_queue": True}},
         # No local worker unless a test asks for one (it would take the tests' runs).
         "ComputeQueueApp": {

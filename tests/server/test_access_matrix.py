@@ -67,6 +67,8 @@ MATRIX: list[Row] = [
     Row("HEAD",   "f/K",                         401,  200,  200,  200,  200),
     Row("GET",    "q/q1/status",                 401,  200,  200,  403,  200),
     Row("GET",    "q/local/status",              401,  200,  200,  403,  401),
+    Row("GET",    "q/q1/metrics",                401,  200,  200,  403,  200),
+    Row("GET",    "q/local/metrics",             401,  200,  200,  403,  401),
     Row("GET",    "q/q1/worker-token",           401,  200,  200,  403,  401),
     Row("GET",    "q/local/worker-token",        401,  200,  200,  403,  401),
     Row("GET",    "ui/",                         200,  200,  200,  200,  200),

@@ -278,7 +278,7 @@ def test_websockets_are_listed_as_exceptions(doc: dict[str, Any]) -> None:
 # --- the comparison can fail ------------------------------------------------------------------
 
 
-class _MetricsHandler(BaseHandler):
+class _StatsHandler(BaseHandler):
     def get(self, queue: str) -> None:
         """A route the document does not have."""
 
@@ -293,10 +293,10 @@ class _DeletableStatus(handlers.StatusHandler):
 
 
 def test_an_undocumented_route_is_reported(doc: dict[str, Any]) -> None:
-    fake: list[tuple[str, type]] = [*handlers.ROUTES, ("q/{queue}/metrics", _MetricsHandler)]
+    fake: list[tuple[str, type]] = [*handlers.ROUTES, ("q/{queue}/stats", _StatsHandler)]
     served, _ = served_routes(fake, handlers.PARAMETERS)
     assert mismatches(served, documented_routes(doc)) == [
-        "served but not in docs/openapi.yaml: GET /q/{queue}/metrics"
+        "served but not in docs/openapi.yaml: GET /q/{queue}/stats"
     ]
 
 
