@@ -16,7 +16,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from ..access import ANONYMOUS, Identity, worker_identity
-from ..blobs.base import BlobHashMismatch, BlobNotFound, BlobTooLarge, InvalidBlobKey
+from ..blobs.base import BlobError, BlobHashMismatch, BlobNotFound, BlobTooLarge, InvalidBlobKey
 from ..service import Forbidden, QueueService, ServiceError
 from ..store.base import Conflict, NotFound
 
@@ -36,6 +36,9 @@ _STATUS = [
     (InvalidBlobKey, 400),
     (BlobHashMismatch, 400),
     (BlobTooLarge, 413),
+    # Last: any other failure of the blob store (S3 unreachable, refused) is a bad gateway,
+    # with the store's message naming the object, not an anonymous 500.
+    (BlobError, 502),
 ]
 
 
