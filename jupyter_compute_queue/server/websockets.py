@@ -55,6 +55,13 @@ class SocketBase(
 ):
     """Authentication before the upgrade, JSON envelopes after it."""
 
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        # Messages are small and often follow each other (accepted, then assign): with Nagle's
+        # algorithm one written while the previous is unacknowledged waits for the peer's
+        # delayed ACK, 40 ms on Linux, on every run's assignment (benchmarks/RESULTS.md).
+        self.set_nodelay(True)
+        super().open(*args, **kwargs)
+
     async def send(self, message: dict[str, Any]) -> None:
         """Send one envelope, waiting until it is flushed (so a slow peer slows only itself)."""
         with contextlib.suppress(WebSocketClosedError):  # the peer left; on_close cleans up

@@ -25,8 +25,8 @@ from .. import __version__
 from ..jobs import JobDefinition, parse_definition
 from ..runs import Phase, Reason
 from ..store.rows import DEFAULT_CPUS
-from .docker_runner import DockerRunner, Run, RunResult
 from .resources import Allocation, ResourceError, Resources
+from .runtime import Run, RunResult, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _Active:
 class Agent:
     """One worker's connection to its host, and the runs it holds."""
 
-    def __init__(self, options: WorkerOptions, resources: Resources, runner: DockerRunner) -> None:
+    def __init__(self, options: WorkerOptions, resources: Resources, runner: Runtime) -> None:
         self.options = options
         self.resources = resources
         self.runner = runner
@@ -127,12 +127,18 @@ class Agent:
         url = self.options.url.replace("http", "ws", 1) + "worker"
         headers = {"Authorization": f"token {self.options.token}"} if self.options.token else {}
         try:
-            return await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
+            conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
         except HTTPClientError as exc:
             if exc.code in (401, 403):
                 body = exc.response.body.decode(errors="replace") if exc.response else ""
                 raise FatalError(f"the host refused this worker ({exc.code}): {body}") from None
             raise
+        # Messages are small and come in runs (phases, result, capacity): with Nagle's
+        # algorithm each one written while the previous is unacknowledged waits for the host's
+        # delayed ACK (40 ms on Linux). Tornado leaves it on for websocket clients.
+        if conn.protocol is not None:
+            conn.protocol.set_nodelay(True)
+        return conn
 
     async def _serve(self, conn: WebSocketClientConnection) -> None:
         self._conn = conn
@@ -454,6 +460,9 @@ class Agent:
             # process ends, and a run still cleaning up would leave its container behind.
             await asyncio.wait([a.task for a in given], timeout=STOP_WAIT_SECONDS)
         await self.send({"type": "goodbye"})
+        # Finished runs' containers and folders may still be being removed.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.runner.close(), STOP_WAIT_SECONDS)
         self._stopped.set()
         if self._conn is not None:
             self._conn.close()

@@ -36,3 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output-bytes", default="1g", help="cap on a run's /outputs")
     parser.add_argument("--id", help="the worker id (default: one kept in the data dir)")
     parser.add_argument("--grace", default="30s", help="SIGTERM grace before giving runs back")
+    parser.add_argument(
+        "--runtime",
+        choices=["docker", "noop"],
+        default="docker",
+        help="docker: run each job as a container (the default). noop: run nothing and report "
+        "every job done at once, for benchmarks of the queue itself; never for real jobs",
+    )

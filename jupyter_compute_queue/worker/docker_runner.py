@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,13 @@ from ..jobs import JobDefinition, command_argv
 from ..runs import OutputRef, Phase, Reason
 from .images import ImageError, build_image, ensure_image
 from .prepare import RunFolder, job_cache, output_files, prepare, tree_size
-from .resources import Allocation, cuda_visible_devices, docker_device_request
+from .resources import cuda_visible_devices, docker_device_request
+from .runtime import Logs, Phases, Run, RunResult
 from .transfer import TransferError, Transfers
+
+__all__ = ["LABEL_RUN", "LABEL_WORKER", "DockerRunner", "Run", "RunResult", "RunnerConfig"]
+
+logger = logging.getLogger(__name__)
 
 LABEL_WORKER = "compute-queue.worker"
 LABEL_RUN = "compute-queue.run"
@@ -46,37 +52,9 @@ class RunnerConfig:
     output_poll_seconds: float = 1.0
 
 
-@dataclass
-class Run:
-    """What the agent hands the runner."""
-
-    run_id: str
-    job_id: str
-    queue: str
-    fence: int
-    definition: JobDefinition
-    blobs: dict[str, str]
-    job_url: str
-    allocation: Allocation
-
-
-@dataclass
-class RunResult:
-    """How the run ended, as the agent reports it to the host."""
-
-    reason: Reason
-    exit_code: int | None = None
-    message: str | None = None
-    outputs: dict[str, OutputRef] = field(default_factory=dict)
-    image_digest: str | None = None
-
-
-Phases = Callable[[Phase, str | None], None]
-Logs = Callable[[str, str], None]  # (stream, text)
-
-
 class DockerRunner:
-    """Runs containers for one worker; every container carries the worker's and the run's label."""
+    """The default :class:`~.runtime.Runtime`: runs containers for one worker; every container
+    carries the worker's and the run's label."""
 
     def __init__(self, client: Any, config: RunnerConfig, transfers: Transfers, host_api: str):
         self.client = client
@@ -85,6 +63,7 @@ class DockerRunner:
         self.host_api = host_api
         self._stopping: dict[str, str] = {}  # run id → why it is being stopped
         self._containers: dict[str, Any] = {}
+        self._cleaning: set[asyncio.Future[None]] = set()  # removals of finished runs
         self._network: str | None = None
         self._network_lock = threading.Lock()
 
@@ -128,12 +107,10 @@ class DockerRunner:
             )
         finally:
             self._stopping.pop(run.run_id, None)
-            container = self._containers.pop(run.run_id, None)
-            if container is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(container.remove, force=True)
-            if folder is not None:
-                await asyncio.to_thread(folder.remove)
+            # The result goes to the host now; the exited container and the run folder are
+            # removed right after, in the background (``close`` waits for that): their removal
+            # (20 to 30 ms) is off every run's time to its result.
+            self._clean_later(self._containers.pop(run.run_id, None), folder)
 
     async def stop(self, run_id: str, why: str = "cancelled") -> None:
         """Stop a run's container: SIGTERM, then SIGKILL after the grace period."""
@@ -145,18 +122,61 @@ class DockerRunner:
     def running(self) -> list[str]:
         return list(self._containers)
 
+    async def close(self) -> None:
+        """Wait until the containers and folders of finished runs are removed, then remove the
+        worker's network: the engine's address pools are few (about 30 bridge networks), so a
+        network left behind by every worker that ever ran would soon stop all containers."""
+        while self._cleaning:
+            await asyncio.wait(set(self._cleaning))
+        with self._network_lock:
+            name, self._network = self._network, None
+        if name is not None and not self._containers:
+            await asyncio.to_thread(self._remove_network, name)
+
+    def _remove_network(self, name: str) -> None:
+        for attempt in range(10):
+            try:
+                for network in self.client.networks.list(names=[name]):
+                    if network.name == name:  # the name filter also matches longer names
+                        network.remove()
+                return
+            except Exception as exc:  # the engine may still release a removed container's
+                if attempt == 9:  # endpoint; else in use (a container outlived its run)
+                    logger.warning("compute-queue worker: network %s left behind: %s", name, exc)
+                time.sleep(0.2)
+
+    def _clean_later(self, container: Any, folder: RunFolder | None) -> None:
+        if container is None and folder is None:
+            return
+        task = asyncio.ensure_future(self._clean(container, folder))
+        self._cleaning.add(task)
+        task.add_done_callback(self._cleaning.discard)
+
+    async def _clean(self, container: Any, folder: RunFolder | None) -> None:
+        if container is not None:
+            with contextlib.suppress(Exception):  # gone already (a leftover sweep, a restart)
+                await asyncio.to_thread(container.remove, force=True)
+        if folder is not None:
+            try:
+                await asyncio.to_thread(folder.remove)
+            except OSError as exc:
+                logger.warning("compute-queue worker: cannot remove %s: %s", folder.root, exc)
+
     async def remove_leftovers(self, keep: set[str]) -> list[str]:
         """Remove this worker's containers of runs it no longer holds (never anyone else's)."""
         label = f"{LABEL_WORKER}={self.config.worker_id}"
+        # Sparse: the list's own labels, without inspecting each container — one removed
+        # meanwhile (a run that just ended) would make a full listing fail with NotFound.
         found = await asyncio.to_thread(
-            self.client.containers.list, all=True, filters={"label": label}
+            self.client.containers.list, all=True, sparse=True, filters={"label": label}
         )
         removed = []
         for container in found:
-            if container.labels.get(LABEL_RUN) not in keep:
+            run_id = (container.attrs.get("Labels") or {}).get(LABEL_RUN)
+            if run_id not in keep:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(container.remove, force=True)
-                removed.append(container.labels.get(LABEL_RUN, container.id))
+                removed.append(run_id or container.id)
         return removed
 
     # --- the steps ------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from jupyter_core.paths import jupyter_data_dir
 from ..units import parse_duration, parse_size
 from .agent import Agent, FatalError, WorkerOptions
 from .docker_runner import DockerRunner, RunnerConfig
+from .noop_runner import NoopRunner
 from .resources import ResourceError, Resources, parse_gpus
+from .runtime import Runtime
 from .transfer import ContentCache, Transfers
 
 log = logging.getLogger("jupyter_compute_queue.worker")
@@ -101,6 +103,39 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(data_dir)
     worker_id = args.id or _worker_id(data_dir)
+    runner: Runtime
+    if args.runtime == "noop":
+        check_host(api)
+        runner = NoopRunner()
+        log.warning("compute-queue worker: --runtime noop runs nothing: for benchmarks only")
+    else:
+        runner = _docker_runner(
+            args, api, token, data_dir, worker_id, memory, max_duration, max_output
+        )
+    options = WorkerOptions(
+        url=api,
+        token=token,
+        worker_id=worker_id,
+        queues=tuple(args.queues),
+        tags=tuple(t for t in args.tags.split(",") if t),
+        max_job_duration=max_duration,
+        grace_seconds=grace,
+    )
+    log.info("compute-queue worker %s serving %s at %s", worker_id, ", ".join(args.queues), api)
+    return Agent(options, Resources(args.cpus, memory, gpus), runner), lock
+
+
+def _docker_runner(
+    args: argparse.Namespace,
+    api: str,
+    token: str | None,
+    data_dir: Path,
+    worker_id: str,
+    memory: int | None,
+    max_duration: int,
+    max_output: int,
+) -> DockerRunner:
+    """The default runtime, once the Docker engine and the host answer."""
     client = docker_client()
     check_host(api)
     runner = DockerRunner(
@@ -124,17 +159,7 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
             runner._network_name()
         except Exception as exc:
             raise StartError(f"cannot create the worker's Docker network ({exc})") from None
-    options = WorkerOptions(
-        url=api,
-        token=token,
-        worker_id=worker_id,
-        queues=tuple(args.queues),
-        tags=tuple(t for t in args.tags.split(",") if t),
-        max_job_duration=max_duration,
-        grace_seconds=grace,
-    )
-    log.info("compute-queue worker %s serving %s at %s", worker_id, ", ".join(args.queues), api)
-    return Agent(options, Resources(args.cpus, memory, gpus), runner), lock
+    return runner
 
 
 def docker_client() -> Any:

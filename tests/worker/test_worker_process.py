@@ -488,6 +488,8 @@ async def test_sigterm_gives_runs_back(
     label = {"label": "compute-queue.worker=term-a"}
     left = docker_engine.containers.list(all=True, filters=label)
     assert left == [], [(c.name, c.status, c.attrs["Created"], c.labels) for c in left]
+    # Its network too: the engine's address pools are few, a network per worker would run out.
+    assert [n.name for n in docker_engine.networks.list(filters=label)] == []
 
 
 async def test_a_dropped_socket_keeps_the_run(
