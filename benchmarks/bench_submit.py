@@ -51,8 +51,8 @@ def _p(values: list[float]) -> str:
 
 
 async def measure(settings: Settings) -> list[Figure]:
-    n = settings.size(1000, 200, 5)
-    batches = settings.size(100, 20, 2)
+    n = settings.size(1000, 100, 5)
+    batches = settings.size(100, 10, 2)
     health: list[float] = []
     async with Host(settings.workdir / "submit-host") as host:
         http = Http(host.port)

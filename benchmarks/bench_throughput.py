@@ -33,6 +33,12 @@ BATCH = 100  # runs per submission request / enqueue call
 POLL = 0.02
 
 
+def _patience(n: int) -> float:
+    """How long n runs may take before the benchmark gives up (a stuck run is a failure to
+    report, not a reason to hang)."""
+    return 60 + n / 25
+
+
 def _definitions(start: int, stop: int, tag: str) -> list[dict[str, object]]:
     return [{"image": "bench/noop", "command": ["run", tag, str(i)]} for i in range(start, stop)]
 
@@ -57,7 +63,10 @@ async def ours_in_process(settings: Settings, n: int) -> float:
                 await http.json(
                     "POST", "compute-queue/q/tp", _definitions(b, min(n, b + BATCH), "a")
                 )
-            await asyncio.wait_for(all_done.wait(), 600)
+            try:
+                await asyncio.wait_for(all_done.wait(), _patience(n))
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"only {len(done)} of {n} runs finished in time") from None
             await http.close()
             return n / (max(done) - start)
 
@@ -92,6 +101,8 @@ async def ours_processes(settings: Settings, n: int) -> float:
                 if status["counts"]["Finished"] >= n:
                     end = time.perf_counter()
                     break
+                if time.perf_counter() - start > _patience(n):
+                    raise RuntimeError(f"runs not finished in time: {status['counts']}")
                 await asyncio.sleep(POLL)
             return n / (end - start)
         finally:
@@ -194,6 +205,8 @@ async def rq_baseline(settings: Settings, redis_server: RedisServer, n: int) -> 
             if finished.count >= n:
                 end = time.perf_counter()
                 break
+            if time.perf_counter() - start > _patience(n):
+                raise RuntimeError(f"only {finished.count} of {n} RQ jobs finished in time")
             await asyncio.sleep(POLL)
         await submitting
         return n / (end - start)
@@ -235,6 +248,8 @@ async def celery_baseline(settings: Settings, redis_server: RedisServer, n: int)
             if results.dbsize() >= n:
                 end = time.perf_counter()
                 break
+            if time.perf_counter() - start > _patience(n):
+                raise RuntimeError(f"only {results.dbsize()} of {n} Celery results in time")
             await asyncio.sleep(POLL)
         await submitting
         return n / (end - start)
