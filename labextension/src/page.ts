@@ -8,6 +8,7 @@
 // host and never on `local` (the host says whether it is public; a private queue never
 // autostarts, so a link cannot make someone's machine run a job unasked).
 import css from '../style/job.css';
+import { element } from './format';
 import { HostJobSource } from './host';
 import type { JobDefinition } from './source';
 import { injectStyle } from './style';
@@ -82,19 +83,6 @@ export function parseHash(hash: string): PageRequest {
     request.definition = definition;
   }
   return request;
-}
-
-function element<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  className: string,
-  text?: string
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  node.className = className;
-  if (text !== undefined) {
-    node.textContent = text;
-  }
-  return node;
 }
 
 function showError(root: HTMLElement, config: PageConfig, error: unknown): void {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,32 @@ NOTEBOOKS = Path(__file__).parents[2] / "notebooks"
 pytestmark = pytest.mark.parametrize("cq_config", [{"local_worker": True}])
 
 
-async def execute(
+Execute = Callable[[str], Awaitable[nbformat.NotebookNode]]
+
+
+@pytest.fixture
+def execute(
+    cleanup: None,  # noqa: F811
+    jp_serverapp: Any,
+    test_images: Any,
+    fetch: Fetch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    jp_http_port: int,
+    jp_base_url: str,
+    host_token: str,
+) -> Execute:
+    """Runs a notebook of notebooks/ from a copy in ``tmp_path`` against this test's host."""
+
+    async def run(name: str) -> nbformat.NotebookNode:
+        return await _execute(
+            jp_serverapp, name, tmp_path, monkeypatch, jp_http_port, jp_base_url, host_token
+        )
+
+    return run
+
+
+async def _execute(
     serverapp: Any,
     name: str,
     tmp_path: Path,
@@ -75,26 +101,8 @@ def cell_with(cells: list[Any], source: str) -> Any:
     return next(c for c in cells if source in c.source)
 
 
-async def test_the_quickstart_runs(
-    cleanup: None,  # noqa: F811
-    jp_serverapp: Any,
-    test_images: Any,
-    fetch: Fetch,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    jp_http_port: int,
-    jp_base_url: str,
-    host_token: str,
-) -> None:
-    notebook = await execute(
-        jp_serverapp,
-        "quickstart.ipynb",
-        tmp_path,
-        monkeypatch,
-        jp_http_port,
-        jp_base_url,
-        host_token,
-    )
+async def test_the_quickstart_runs(execute: Execute, tmp_path: Path) -> None:
+    notebook = await execute("quickstart.ipynb")
     cells = code_cells(notebook)
     assert "hello from " in text_of(cell_with(cells, 'echo "hello from'))
     assert "Python 3." in text_of(cell_with(cells, "import platform"))
@@ -112,26 +120,8 @@ async def test_the_quickstart_runs(
     assert "Success from the client" in text_of(cell_with(cells, "from jupyter_compute_queue"))
 
 
-async def test_the_data_example_makes_a_plot(
-    cleanup: None,  # noqa: F811
-    jp_serverapp: Any,
-    test_images: Any,
-    fetch: Fetch,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    jp_http_port: int,
-    jp_base_url: str,
-    host_token: str,
-) -> None:
-    notebook = await execute(
-        jp_serverapp,
-        "data-example.ipynb",
-        tmp_path,
-        monkeypatch,
-        jp_http_port,
-        jp_base_url,
-        host_token,
-    )
+async def test_the_data_example_makes_a_plot(execute: Execute, tmp_path: Path) -> None:
+    notebook = await execute("data-example.ipynb")
     cells = code_cells(notebook)
     job_cell = text_of(cell_with(cells, "%%container"))
     assert "read 365 rows" in job_cell

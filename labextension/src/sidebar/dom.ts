@@ -1,20 +1,8 @@
 // Small DOM and formatting helpers of the sidebar. Every text goes in as textContent: job data
 // is never parsed as HTML.
 
-export function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  className: string,
-  text?: string
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (className) {
-    node.className = className;
-  }
-  if (text !== undefined) {
-    node.textContent = text;
-  }
-  return node;
-}
+// One element helper and one byte format for the whole front end (format.ts).
+export { element as el, formatBytes as size } from '../format';
 
 function seconds(total: number): string {
   const s = Math.max(0, Math.round(total));
@@ -36,15 +24,4 @@ export function age(iso: string): string {
 export function duration(start: string, end: string | null): string {
   const until = end ? Date.parse(end) : Date.now();
   return seconds((until - Date.parse(start)) / 1000);
-}
-
-export function size(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
