@@ -58,6 +58,19 @@ def _playwright_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     PlaywrightLoop.leave()
 
 
+@pytest.fixture(autouse=True)
+def _grouped(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` xdist marks a grouped test's node id with ``@<group>``: that
+    is how the browser tests reach one worker. pytest 9.2 stopped reading the attribute
+    pytest-xdist 3.8 sets, and they spread silently over every worker, each starting its own
+    JupyterLab servers and Chromium on a loaded machine: fail saying so instead."""
+    if getattr(request.config.option, "loadgroup", False) and "@" not in request.node.nodeid:
+        pytest.fail(
+            "--dist loadgroup did not group this test onto one worker: this pytest-xdist does "
+            "not work with this pytest (pyproject.toml pins the pair that does)"
+        )
+
+
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[Browser]:
     """The system Chromium, launched headless by Playwright."""
@@ -125,6 +138,12 @@ def lab_page(request: pytest.FixtureRequest, chromium: Browser, lab: LabServer) 
     page.set_default_timeout(30_000)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # Printed (pytest shows it for a failed test): a request the browser lost, e.g. a theme
+    # stylesheet under load, explains a page that never reached the state a test waits for.
+    page.on(
+        "requestfailed",
+        lambda request: print(f"request failed: {request.url} ({request.failure})"),
+    )
     try:
         page.goto(workspace_url(lab, f"t-{uuid.uuid4().hex[:12]}"))
         wait_for_lab(page)
