@@ -7,6 +7,7 @@ what and which queues a cache lookup may see, and tells the store.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -262,6 +263,20 @@ class Store(ABC):
     @abstractmethod
     async def claim(self, worker: WorkerInfo, free: Capacity, now: float) -> Assignment | None:
         """Assign the oldest queued run that fits, marking it Running under a new fence."""
+
+    @abstractmethod
+    async def claim_many(
+        self, worker: WorkerInfo, free: Capacity, now: float, limit: int
+    ) -> list[Assignment]:
+        """Claim, oldest first, up to ``limit`` runs that fit together in ``free``, in one
+        transaction. Fewer than ``limit`` means nothing else fits."""
+
+    @abstractmethod
+    def set_phase_later(
+        self, run_id: str, fence: int, worker_id: str, phase: Phase, image_digest: str | None
+    ) -> asyncio.Future[None]:
+        """Queue the phase of a run running under this fence with the next write, without
+        waiting for it (a run that has moved on since is left alone)."""
 
     @abstractmethod
     async def set_phase(
