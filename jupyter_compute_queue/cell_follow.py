@@ -223,6 +223,7 @@ def run_cell(
     namespace: str,
     on_submit: Callable[[Job], None] | None = None,
     shell: Any = None,
+    secrets: dict[str, str] | None = None,
 ) -> Job:
     """Submit the cell's job and, unless ``--no-wait``, follow it to its end: in the job
     widget when a front end shows it (it says so within :data:`RENDER_WAIT` seconds), else in
@@ -230,7 +231,12 @@ def run_cell(
     the cell is interrupted or raises)."""
     out, err = sys.stdout, sys.stderr
     job = client.submit(
-        definition, queue=args.queue, namespace=namespace, rerun=args.rerun, files=files
+        definition,
+        queue=args.queue,
+        namespace=namespace,
+        rerun=args.rerun,
+        files=files,
+        secrets=secrets,
     )
     if on_submit is not None:
         on_submit(job)

@@ -149,6 +149,14 @@ def _job_parsers(commands: Any) -> None:
     add.add_argument(
         "-e", "--env", action="append", default=[], metavar="K=V", help="environment; repeatable"
     )
+    add.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an environment variable passed as a secret: its value (from this shell's "
+        "environment) goes with the submission, not into the job; repeatable",
+    )
     add.add_argument("--cpus", type=float, help="CPUs the job needs (e.g. 2, 0.5)")
     add.add_argument("--memory", metavar="SIZE", help="memory the job needs (e.g. 512m, 4g)")
     add.add_argument("--gpus", type=int, help="GPUs the job needs")

@@ -183,7 +183,7 @@ def report_end(job: Job) -> int:
 
 def read_definition(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(definition, envelope) from ``-`` (stdin) or a JSON file: a bare definition, or an
-    envelope ``{"definition", "namespace", "rerun", "callbacks"}``."""
+    envelope ``{"definition", "namespace", "rerun", "callbacks", "secrets"}``."""
     where = "on stdin" if source == "-" else f"in {source}"
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
@@ -195,7 +195,7 @@ def read_definition(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(f"the definition {where} is not JSON: {exc}") from None
     envelope: dict[str, Any] = {}
     if isinstance(data, dict) and "definition" in data:
-        unknown = set(data) - {"definition", "namespace", "rerun", "callbacks"}
+        unknown = set(data) - {"definition", "namespace", "rerun", "callbacks", "secrets"}
         if unknown:
             raise UsageError(f"unknown envelope field(s) {where}: {', '.join(sorted(unknown))}")
         envelope, data = data, data["definition"]
@@ -235,6 +235,23 @@ def build_definition(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return definition, envelope
 
 
+def secret_values(names: list[str], given: Any = None) -> dict[str, str] | None:
+    """``--secret NAME``: the values of this process's environment variables (never a value
+    on the command line, where ``ps`` and the shell's history would show it), on top of an
+    envelope's ``secrets``."""
+    values = dict(given) if isinstance(given, dict) else {}
+    for name in names:
+        if "=" in name:
+            raise UsageError(
+                f"--secret {name.partition('=')[0]}=…: give the name only; the "
+                "value comes from the environment (export it first)"
+            )
+        if name not in os.environ:
+            raise UsageError(f"--secret {name}: not set here; export {name}=… first")
+        values[name] = os.environ[name]
+    return values or None
+
+
 def input_files(values: list[str]) -> dict[str, str]:
     """``-f PATH`` (under its base name) and ``-f DEST=PATH`` as input path → local path."""
     files: dict[str, str] = {}
@@ -265,6 +282,7 @@ def job_add(args: argparse.Namespace) -> int:
         rerun=args.rerun or bool(envelope.get("rerun")),
         files=files,
         callbacks=envelope.get("callbacks"),
+        secrets=secret_values(args.secret, envelope.get("secrets")),
     )
     wait = args.wait or args.outputs is not None
     if not wait:

@@ -129,6 +129,7 @@ class Client(HttpClient):
         *,
         progress: ProgressCallback | bool | None = None,
         callbacks: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit one job and return it (joined, cached or newly queued: see ``job.cached``).
 
@@ -138,8 +139,15 @@ class Client(HttpClient):
         a path may not also be in the definition's ``inputs``. ``progress`` is called with
         ``(done_bytes, total_bytes)`` while blobs upload; None shows a line on stderr in a
         terminal, False shows nothing. ``namespace`` is who holds the run (SPEC §3).
+
+        ``secrets`` maps environment variable names to values the container gets without
+        them being part of the job: each name is added to the definition's ``secrets`` (names
+        are in the job id, values are not, so a cached result is reused whatever the values);
+        the values go in the submission only and the host keeps them in memory until the run
+        ends. A name listed in the definition without a value here is taken by the worker from
+        its ``COMPUTE_QUEUE_SECRET_<NAME>``, if it has one (docs/design.md, "Secrets").
         """
-        item = Submission(definition, namespace, rerun, files, callbacks)
+        item = Submission(definition, namespace, rerun, files, callbacks, secrets)
         return self._submit([item], queue, progress, batch=False)[0]
 
     def submit_batch(
@@ -154,14 +162,15 @@ class Client(HttpClient):
         """Submit several jobs in one request; the jobs come back in the same order.
 
         Each item is a definition, or an envelope ``{"definition", "namespace", "rerun",
-        "files", "callbacks"}`` whose fields override the arguments. Beware that one
+        "files", "callbacks", "secrets"}`` whose fields override the arguments. Beware that one
         non-default namespace holds one unfinished run: jobs of a batch that share one
         release each other, so give each its own (or none).
         """
         batch: list[Submission] = []
         for item in items:
             if isinstance(item, Mapping) and "definition" in item:
-                unknown = set(item) - {"definition", "namespace", "rerun", "files", "callbacks"}
+                fields = {"definition", "namespace", "rerun", "files", "callbacks", "secrets"}
+                unknown = set(item) - fields
                 if unknown:
                     raise ValueError(f"unknown envelope field(s): {', '.join(sorted(unknown))}")
                 batch.append(
@@ -171,6 +180,7 @@ class Client(HttpClient):
                         bool(item.get("rerun", rerun)),
                         item.get("files"),
                         item.get("callbacks"),
+                        item.get("secrets"),
                     )
                 )
             else:
@@ -215,6 +225,13 @@ class Client(HttpClient):
         for item in items:
             definition = self._prepare(item.definition, item.files, blobs)
             envelope: dict[str, Any] = {"definition": definition}
+            if item.secrets:
+                values = dict(item.secrets)
+                listed = definition.get("secrets") or []
+                if not isinstance(listed, list):
+                    raise TypeError("the definition's secrets must be a list of names")
+                definition["secrets"] = sorted({*listed, *values})
+                envelope["secrets"] = values
             if item.namespace is not None:
                 envelope["namespace"] = item.namespace
             if item.rerun:

@@ -43,6 +43,10 @@ DEFAULTS: dict[tuple[str, ...], object] = {
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME_RE = re.compile(r"^[^=\x00]+$")
+#: A secret's name is a portable environment variable name (POSIX's portable character set).
+SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: At most this many secrets per job.
+MAX_SECRETS = 64
 
 
 class InvalidJob(ValueError):
@@ -226,7 +230,8 @@ class Requirements(_Wire):
 
     cpus: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     memory: Size = None
-    gpus: int | None = Field(default=None, ge=0)
+    #: Bounded so that any accepted value fits the store's integers (SQLite: 64 bits).
+    gpus: int | None = Field(default=None, ge=0, le=1024)
     max_duration: Duration = None  # the seed's spelling; moved to the top level
 
     @field_validator("cpus", "gpus", mode="before")
@@ -266,6 +271,9 @@ class JobDefinition(_Wire):
     command: Command = None
     entrypoint: Command = None
     env: dict[str, str] = Field(default_factory=dict)
+    #: Names of environment variables whose values come with the submission or from the
+    #: worker, never in the definition (docs/design.md, "Secrets"); the names are in the id.
+    secrets: list[str] = Field(default_factory=list)
     workdir: str | None = None
     shm_size: Size = None
     inputs: dict[str, DataRef] = Field(default_factory=dict)
@@ -298,6 +306,19 @@ class JobDefinition(_Wire):
                 raise ValueError(f"{name!r} is not a valid variable name")
         return value
 
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not SECRET_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a variable name (letters, digits, _)")
+            if name.startswith("JOB_"):
+                raise ValueError(f"{name!r}: JOB_* variables are set by the worker")
+        names = sorted(set(value))
+        if len(names) > MAX_SECRETS:
+            raise ValueError(f"at most {MAX_SECRETS} secrets, not {len(names)}")
+        return names
+
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, value: dict[str, DataRef]) -> dict[str, DataRef]:
@@ -320,6 +341,9 @@ class JobDefinition(_Wire):
         if (self.image is None) == (self.build is None):
             raise InvalidJob("image", "give exactly one of 'image' and 'build'")
         _check_input_tree(self)
+        both = sorted(set(self.secrets) & set(self.env))
+        if both:
+            raise InvalidJob(f"env.{both[0]}", "also listed in secrets: give it in one place")
         req = self.requirements
         if req is not None and req.max_duration is not None:
             # The seed's spelling: the smaller limit wins when both are given.

@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         help="an environment variable of the container (KEY alone takes the kernel's value); "
         "repeat",
     )
+    add(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an environment variable of the container whose value is the kernel's, sent with "
+        "the job but not part of it (not in its id or definition, redacted from its log); repeat",
+    )
     add("--max-duration", metavar="D", help="stop the job after D, e.g. 90s, 20m, 2h")
     add(
         "--run",
@@ -174,11 +182,29 @@ def build_job(
     }
     if env:
         definition["env"] = env
+    if args.secret:
+        definition["secrets"] = sorted(set(args.secret))
     if requirements:
         definition["requirements"] = requirements
     if args.max_duration:
         definition["maxDuration"] = args.max_duration
     return definition, files
+
+
+def secret_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The kernel's values of the ``--secret`` names (never a value in the cell's text, which
+    the notebook keeps)."""
+    values: dict[str, str] = {}
+    for name in args.secret:
+        if "=" in name:
+            raise UsageError(
+                f"%%container: --secret {name.partition('=')[0]}: give the name only; the value "
+                "comes from the kernel's environment (os.environ)"
+            )
+        if name not in environ:
+            raise UsageError(f"%%container: --secret {name}: not set in the kernel's environment")
+        values[name] = environ[name]
+    return values
 
 
 def cell_namespace(user: str, notebook: str, cell_id: str | None, body: str) -> str:
@@ -224,6 +250,7 @@ def container(line: str, cell: str, shell: Any = None) -> Any:
     args = parse_line(line)
     environ = os.environ
     definition, files = build_job(args, cell, environ)
+    secrets = secret_values(args, environ)
     notebook, cell_id = kernel_cell(shell) if shell is not None else ("", None)
     namespace = cell_namespace(_current_user(environ), notebook, cell_id, cell)
     client = Client(queue=args.queue)
@@ -232,7 +259,7 @@ def container(line: str, cell: str, shell: Any = None) -> Any:
         if args.out and shell is not None:
             shell.user_ns[args.out] = job
 
-    return run_cell(client, args, definition, files, namespace, keep, shell)
+    return run_cell(client, args, definition, files, namespace, keep, shell, secrets)
 
 
 container.__doc__ = PARSER.format_help()

@@ -110,6 +110,8 @@ class Submission:
     rerun: bool
     files: Mapping[str, FileSource] | None
     callbacks: Mapping[str, str] | None
+    #: Secret values by name (sent in the envelope only; the names join the definition).
+    secrets: Mapping[str, str] | None = None
 
 
 # --- the client -----------------------------------------------------------------------------

@@ -188,6 +188,10 @@ INDEPENDENT = {
         + hashlib.sha256("naïve café\n".encode()).hexdigest()
         + '"}},"v":1}'
     ).encode("utf-8"),
+    30: (
+        b'{"command":"curl -H \\"Authorization: Bearer $API_TOKEN\\" https://example.com",'
+        b'"image":"python:3.12-slim","secrets":["API_TOKEN","DB_PASSWORD"],"v":1}'
+    ),
 }
 
 
@@ -475,6 +479,19 @@ REJECTED: list[tuple[str, Any, str]] = [
     ("entrypoint a map", {"image": IMAGE, "entrypoint": {"a": 1}}, "entrypoint"),
     ("empty tag", {"image": IMAGE, "tags": ["gpu", " "]}, "tags"),
     ("tags a string", {"image": IMAGE, "tags": "gpu"}, "tags"),
+    ("secret name with a dash", {"image": IMAGE, "secrets": ["API-TOKEN"]}, "secrets"),
+    ("secret name starting with a digit", {"image": IMAGE, "secrets": ["1TOKEN"]}, "secrets"),
+    ("empty secret name", {"image": IMAGE, "secrets": [""]}, "secrets"),
+    ("secret named JOB_*", {"image": IMAGE, "secrets": ["JOB_TOKEN"]}, "secrets"),
+    ("secrets a string", {"image": IMAGE, "secrets": "TOKEN"}, "secrets"),
+    ("secrets a map of values", {"image": IMAGE, "secrets": {"TOKEN": "x"}}, "secrets"),
+    ("a secret that is not a string", {"image": IMAGE, "secrets": [3]}, "secrets.0"),
+    (
+        "too many secrets",
+        {"image": IMAGE, "secrets": [f"S{i}" for i in range(65)]},
+        "secrets",
+    ),
+    ("a name in env and secrets", {"image": IMAGE, "env": {"T": "1"}, "secrets": ["T"]}, "env.T"),
     ("workdir a number", {"image": IMAGE, "workdir": 3}, "workdir"),
     ("not an object", ["image", IMAGE], "definition"),
     ("a string", "python:3.12-slim", "definition"),
@@ -531,6 +548,8 @@ ACCEPTED: list[tuple[str, Any]] = [
     ("dockerfile only", {"build": {"dockerfile": "FROM scratch\n"}}),
     ("fractional cpus", {"image": IMAGE, "requirements": {"cpus": 0.25}}),
     ("empty env value", {"image": IMAGE, "env": {"EMPTY": ""}}),
+    ("64 secrets", {"image": IMAGE, "secrets": [f"S{i}" for i in range(64)]}),
+    ("secret names of any case", {"image": IMAGE, "secrets": ["_a", "hf_token", "X9"]}),
 ]
 
 
@@ -963,3 +982,43 @@ def test_definitions_are_not_mutated() -> None:
     job_id(definition)
     parse_definition(definition).wire()
     assert definition == before
+
+
+# --- secrets: names in the definition and the id, values never --------------------------------
+
+
+def test_secrets_are_sorted_and_deduplicated_in_the_stored_form() -> None:
+    defn = parse_definition({"image": IMAGE, "secrets": ["B", "A", "B"]})
+    assert defn.secrets == ["A", "B"]
+    assert defn.wire()["secrets"] == ["A", "B"]
+    assert canonical_form(defn)["secrets"] == ["A", "B"]
+
+
+def test_no_secrets_keeps_the_id() -> None:
+    bare = job_id({"image": IMAGE})
+    assert job_id({"image": IMAGE, "secrets": []}) == bare
+    assert "secrets" not in parse_definition({"image": IMAGE, "secrets": []}).wire()
+
+
+def test_secret_names_are_part_of_the_id() -> None:
+    one = job_id({"image": IMAGE, "secrets": ["TOKEN"]})
+    assert one != job_id({"image": IMAGE})
+    assert one != job_id({"image": IMAGE, "secrets": ["OTHER"]})
+    assert one != job_id({"image": IMAGE, "env": {"TOKEN": ""}})
+
+
+@PROPERTY
+@given(
+    names=st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True), max_size=6),
+    data=st.data(),
+)
+def test_secret_order_and_duplicates_do_not_change_the_id(
+    names: list[str], data: st.DataObject
+) -> None:
+    names = [n for n in names if not n.startswith("JOB_")]
+    other = data.draw(
+        st.permutations(names + data.draw(st.lists(st.sampled_from(names), max_size=3)))
+        if names
+        else st.just([])
+    )
+    assert job_id({"image": IMAGE, "secrets": other}) == job_id({"image": IMAGE, "secrets": names})

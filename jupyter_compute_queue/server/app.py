@@ -13,6 +13,7 @@ from .. import __version__
 from ..blobs.base import BlobStore
 from ..blobs.local import LocalBlobStore
 from ..datadir import DataDir, acquire, default_data_dir, host_secret
+from ..limits import LimitConfig, Limits
 from ..logs import LogStore
 from ..service import QueueService, ServiceConfig
 from ..store.base import Store
@@ -89,6 +90,36 @@ class ComputeQueueApp(ExtensionApp):
     max_blob_bytes = Int(10 * 1024**3, help="The largest blob accepted by PUT f/{key}.").tag(
         config=True
     )
+    max_batch_size = Int(
+        1000, help="The most submissions in one batch (POST q/{queue} with a list); 413 above."
+    ).tag(config=True)
+    max_submission_bytes = Int(
+        64 * 1024 * 1024,
+        help="The largest body of a submission (one definition or a whole batch), refused with"
+        " 413 before it is read.",
+    ).tag(config=True)
+    limit_scope = Enum(
+        ["public", "all", "off"],
+        "public",
+        help="Who the caps below apply to: 'public' (callers without Jupyter credentials on a "
+        "host in public mode), 'all' (every caller but workers, on any host) or 'off'. Over a "
+        "cap the host answers 429 with Retry-After.",
+    ).tag(config=True)
+    max_queued_runs = Int(1000, help="Cap: runs waiting (Queued) in one queue; 0 for no cap.").tag(
+        config=True
+    )
+    max_submissions_per_minute = Int(
+        600, help="Cap: submissions to one queue per minute (bursts up to it); 0 for no cap."
+    ).tag(config=True)
+    max_blob_bytes_per_client_hour = Int(
+        10 * 1024**3,
+        help="Cap: blob bytes one client (address, or Jupyter user) uploads per hour; 0 for no "
+        "cap.",
+    ).tag(config=True)
+    max_blob_bytes_per_host_hour = Int(
+        50 * 1024**3,
+        help="Cap: blob bytes all capped clients together upload per hour; 0 for no cap.",
+    ).tag(config=True)
     local_worker = Union(
         [Bool(), Enum(["auto"])],
         default_value="auto",
@@ -134,6 +165,16 @@ class ComputeQueueApp(ExtensionApp):
                 callback_backoff=self.callback_backoff,
                 metrics_window=self.metrics_window,
             ),
+        )
+        self.limits = Limits(
+            LimitConfig(
+                scope=self.limit_scope,
+                public=self.public,
+                max_queued_runs=self.max_queued_runs,
+                max_submissions_per_minute=self.max_submissions_per_minute,
+                max_blob_bytes_per_client_hour=self.max_blob_bytes_per_client_hour,
+                max_blob_bytes_per_host_hour=self.max_blob_bytes_per_host_hour,
+            )
         )
         self._started: asyncio.Task[None] | None = None
         self.worker: LocalWorker | None = None

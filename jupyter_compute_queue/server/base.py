@@ -7,6 +7,7 @@ every decision about what that identity may do to the service's access policy.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +18,22 @@ from tornado import web
 
 from ..access import ANONYMOUS, Identity, worker_identity
 from ..blobs.base import BlobError, BlobHashMismatch, BlobNotFound, BlobTooLarge, InvalidBlobKey
+from ..limits import TooManyRequests
 from ..service import Forbidden, QueueService, ServiceError
 from ..store.base import Conflict, NotFound
 
 if TYPE_CHECKING:
     from .app import ComputeQueueApp
 
-__all__ = ["BaseHandler", "allow_unauthenticated"]
+__all__ = ["BaseHandler", "allow_unauthenticated", "whole_number"]
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+#: JSON bodies nested deeper than this are refused with a 400. Nothing the API takes is nearly
+#: this deep (a ``json`` input's value starts at level 6), and the host's recursive helpers
+#: (the canonical form of a definition) must not run out of stack on a body built to be deep.
+MAX_JSON_DEPTH = 64
+#: ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses.
+_WHOLE_NUMBER_RE = re.compile(r"[0-9]+")
 #: The authorization resource of every route (SPEC §8).
 RESOURCE = "compute-queue"
 
@@ -40,6 +48,38 @@ _STATUS = [
     # with the store's message naming the object, not an anonymous 500.
     (BlobError, 502),
 ]
+
+
+def whole_number(text: str | None) -> int | None:
+    """The value of a query argument or header that must be a whole number, else None."""
+    if text is None or _WHOLE_NUMBER_RE.fullmatch(text) is None:
+        return None
+    return int(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_depth_over(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests lists and objects deeper than ``limit`` (iterative:
+    the point is not to recurse)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 if TYPE_CHECKING:
@@ -120,6 +160,8 @@ class CallerMixin(_Handler):
                 message = str(exc)
             else:
                 message = f"internal error ({type(exc).__name__}); the server log has details"
+            if isinstance(exc, TooManyRequests):
+                self.set_header("Retry-After", str(exc.retry_after))
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'token realm="compute-queue"')
             message += "; send a Jupyter token (Authorization: token …) or log in"
@@ -157,10 +199,20 @@ class BaseHandler(CallerMixin, ExtensionHandlerMixin, APIHandler):
 
     def json_body(self) -> Any:
         """The request body as JSON; a 400 naming the problem otherwise."""
+        too_deep = f"the body is nested deeper than {MAX_JSON_DEPTH} levels of lists and objects"
         try:
-            return json.loads(self.request.body or b"null")
+            # NaN, Infinity and 1e400 are no JSON numbers (Python's json takes them), and a
+            # definition holding one could never be written in canonical form.
+            value = json.loads(
+                self.request.body or b"null", parse_float=_finite, parse_constant=_no_constant
+            )
+        except RecursionError:
+            raise web.HTTPError(400, too_deep) from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
+        if json_depth_over(value, MAX_JSON_DEPTH):
+            raise web.HTTPError(400, too_deep)
+        return value
 
     def finish(self, *args: Any, **kwargs: Any) -> Any:
         # Jupyter's API handlers declare every answer JSON; files and logs declare their own

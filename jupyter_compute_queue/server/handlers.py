@@ -6,6 +6,7 @@ import asyncio
 import posixpath
 import re
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,8 +15,10 @@ from tornado import web
 from ..access import Action
 from ..blobs.base import BlobWriter, check_key
 from ..jobs import DataRef, canonical_json
+from ..limits import TooManyRequests, waiting_runs
 from ..runs import RunRecord
-from .base import BaseHandler, allow_unauthenticated
+from ..service_base import TooLarge
+from .base import BaseHandler, allow_unauthenticated, whole_number
 from .files import attachment_headers, stream_zip
 from .ui import UIAssetHandler, UIPageHandler, WorkerTokenHandler
 
@@ -39,6 +42,9 @@ class BlobHandler(BaseHandler):
     """``PUT f/{key}`` streams a blob to the store; ``GET``/``HEAD`` read it."""
 
     _writer: BlobWriter | None = None
+    #: A body without Content-Length is charged to the upload caps as it comes.
+    _metered = False
+    _refused: TooManyRequests | None = None
 
     async def prepare(self) -> None:  # type: ignore[override]
         await super().prepare()
@@ -48,9 +54,13 @@ class BlobHandler(BaseHandler):
         self.service.check(self.identity, Action.BLOB_WRITE, None)
         key = check_key(self.path_kwargs["key"])
         limit = self.cq.max_blob_bytes
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = whole_number(self.request.headers.get("Content-Length"))
+        if length is not None and length > limit:
             raise web.HTTPError(413, f"blob of {length} bytes is over the limit of {limit}")
+        if length is not None:
+            self.cq.limits.blob_bytes(self.identity, self._client(), length)
+        else:
+            self._metered = True
         url = await self.service.blobs.upload_url(key)
         if url is not None:  # the store takes uploads itself (a presigned S3 URL)
             self.redirect(url, status=307)
@@ -58,14 +68,29 @@ class BlobHandler(BaseHandler):
         self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
         self._writer = await self.service.blobs.open_writer(key, max_bytes=limit)
 
+    def _client(self) -> str:
+        """Who the upload caps charge: the caller's address (the proxy's, unless
+        ``ServerApp.trust_xheaders`` lets X-Forwarded-For through)."""
+        return self.request.remote_ip or "an unknown address"
+
     async def data_received(self, chunk: bytes) -> None:
-        if self._writer is not None:
-            await self._writer.write(chunk)
+        if self._writer is None:
+            return
+        if self._metered:
+            try:
+                self.cq.limits.blob_bytes(self.identity, self._client(), len(chunk))
+            except TooManyRequests as exc:
+                self._refused = exc  # answered once the body is in; nothing of it is kept
+                self._abort()
+                return
+        await self._writer.write(chunk)
 
     @allow_unauthenticated
     async def put(self, key: str) -> None:
         if self._finished:  # redirected in prepare
             return
+        if self._refused is not None:
+            raise self._refused
         assert self._writer is not None
         info = await self._writer.commit()
         self.send_json({"key": info.key, "size": info.size}, status=201)
@@ -112,28 +137,75 @@ class BlobExistsHandler(BaseHandler):
         self.send_json({"exists": True})
 
 
+def admit(handler: BaseHandler, queue: str, count: int) -> AbstractContextManager[None]:
+    """The limits of submitting ``count`` runs to ``queue`` (docs/host.md, "Limits"), around
+    the submission. Access comes first: a caller who may not submit learns that, not that the
+    queue is busy."""
+    handler.service.check(handler.identity, Action.SUBMIT, queue)
+    largest = handler.cq.max_batch_size
+    if count > largest:
+        raise TooLarge(
+            f"batch: {count} submissions are more than max_batch_size = {largest}; "
+            "send them in smaller batches"
+        )
+    service = handler.service
+    return handler.cq.limits.submissions(
+        handler.identity, queue, count, lambda: waiting_runs(service.stats, queue)
+    )
+
+
+@web.stream_request_body
 class QueueHandler(BaseHandler):
-    """``POST q/{queue}`` submits; ``GET q/{queue}`` lists runs, newest first."""
+    """``POST q/{queue}`` submits; ``GET q/{queue}`` lists runs, newest first.
+
+    The body is streamed so that one over ``max_submission_bytes`` is refused before it is
+    read (it is parsed as a whole, in memory)."""
+
+    _body: bytearray | None = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.request.method != "POST":
+            return
+        limit = self.cq.max_submission_bytes
+        length = whole_number(self.request.headers.get("Content-Length"))
+        if length is not None and length > limit:
+            raise web.HTTPError(
+                413,
+                f"submission: {length} bytes are over max_submission_bytes = {limit}; "
+                "upload big inputs as blobs and refer to them by key",
+            )
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        self._body = bytearray()
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body is not None:
+            self._body.extend(chunk)
 
     @allow_unauthenticated
     async def post(self, queue: str) -> None:
-        answer = await self.service.submit(self.identity, queue, self.json_body())
+        self.request.body = bytes(self._body or b"")
+        payload = self.json_body()
+        count = len(payload) if isinstance(payload, list) else 1
+        with admit(self, queue, count):
+            answer = await self.service.submit(self.identity, queue, payload)
         for item in answer if isinstance(answer, list) else [answer]:
             item["url"] = self.public_base() + item["url"]
         self.send_json(answer)
 
     @allow_unauthenticated
     async def get(self, queue: str) -> None:
-        limit = self.get_query_argument("limit", "50")
-        if not limit.isdigit():
-            raise web.HTTPError(400, f"limit: {limit!r} is not a whole number")
+        limit_arg = self.get_query_argument("limit", "50")
+        limit = whole_number(limit_arg)
+        if limit is None:
+            raise web.HTTPError(400, f"limit: {limit_arg!r} is not a whole number")
         page = await self.service.list_runs(
             self.identity,
             queue,
             states=self.get_query_arguments("state"),
             namespace=self.get_query_argument("namespace", None),
             cursor=self.get_query_argument("cursor", None),
-            limit=int(limit),
+            limit=limit,
         )
         self.send_json({"runs": [r.wire() for r in page.runs], "cursor": page.cursor})
 
@@ -212,7 +284,10 @@ class CopyHandler(BaseHandler):
         namespace = body.get("namespace")
         if namespace is not None and not isinstance(namespace, str):
             raise web.HTTPError(400, "namespace: must be a string")
-        answer = await self.service.copy(self.identity, self.job_id(job), body["queue"], namespace)
+        with admit(self, body["queue"], 1):
+            answer = await self.service.copy(
+                self.identity, self.job_id(job), body["queue"], namespace
+            )
         answer["url"] = self.public_base() + answer["url"]
         self.send_json(answer)
 
@@ -245,9 +320,9 @@ class JobPartHandler(BaseHandler):
 
     async def _logs(self, record: RunRecord) -> None:
         since_arg = self.get_query_argument("since", "0")
-        if not since_arg.isdigit():
+        since = whole_number(since_arg)
+        if since is None:
             raise web.HTTPError(400, f"since: {since_arg!r} is not a byte offset")
-        since = int(since_arg)
         fmt = self.get_query_argument("format", "text")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")

@@ -20,6 +20,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..access import ANONYMOUS, Action
 from ..events import LogsAppended, Overflow, RunChanged, Subscription, WorkerChanged
+from ..jobs import check_path
 from ..runs import OutputRef, Phase, Reason, RunState
 from ..service import ServiceError
 from ..store.base import Assignment, Capacity, Conflict, Held, NotFound, Outcome, WorkerInfo
@@ -73,7 +74,7 @@ class SocketBase(
     def parse(self, message: str | bytes) -> dict[str, Any]:
         try:
             msg = json.loads(message)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ProtocolError(f"not JSON: {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError('every message is a JSON object with a "type"')
@@ -313,6 +314,11 @@ class WorkerSocket(SocketBase):
             }
         except ValueError as exc:
             raise ProtocolError(f"result: {exc}") from None
+        for path in outputs:  # no way out of the outputs folder, nor through a backslash
+            try:
+                check_path(path.replace("\\", "/"))
+            except ValueError as exc:
+                raise ProtocolError(f"result: output {exc}") from None
         outcome = Outcome(
             reason=reason,
             exit_code=field(msg, "exitCode", int, None),
@@ -355,6 +361,8 @@ class WorkerSocket(SocketBase):
                 "definition": assignment.definition,
                 "blobs": blobs,
                 "jobUrl": f"{base}q/{run.queue}/j/{run.job_id}",
+                # Secret values: only in this message, from the host's memory (never stored).
+                **({"secrets": v} if (v := self.service.secrets.get(run.run_id)) else {}),
             }
         )
 
@@ -384,7 +392,7 @@ def _capacity(data: dict[str, Any]) -> Capacity:
         cpus = float(data.get("cpus", 0))
         memory = data.get("memory")
         return Capacity(cpus, None if memory is None else int(memory), int(data.get("gpus", 0)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
         raise ProtocolError("capacity: {cpus: number, memory: bytes or null, gpus: int}") from None
 
 
