@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,11 +64,22 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+#: Callback hosts are resolved in threads of their own, with a time limit: a name server that
+#: never answers must not hold the event loop's default pool, which blob and log reads share
+#: (a stranger could otherwise stall downloads by submitting callbacks to such names).
+_RESOLVER_POOL = ThreadPoolExecutor(4, thread_name_prefix="cq-callback-dns")
+RESOLVE_TIMEOUT = 5.0
+
+
 async def _public_addresses(host: str, port: int, family: int = socket.AF_UNSPEC) -> list[Any]:
     """getaddrinfo for ``host``; RefusedAddress unless every address is public."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, family=family, type=socket.SOCK_STREAM
-    )
+    lookup = functools.partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(_RESOLVER_POOL, lookup), RESOLVE_TIMEOUT
+        )
+    except asyncio.TimeoutError:
+        raise OSError(f"no answer in {RESOLVE_TIMEOUT:g} s") from None
     addresses = {str(info[4][0]) for info in infos}
     refused = sorted(a for a in addresses if not is_public_address(a))
     if refused or not infos:
@@ -139,6 +152,10 @@ class CallbackSender:
         self._task: asyncio.Task[None] | None = None
         self._http: SimpleAsyncHTTPClient | None = None
         self._stopping = False
+        #: False once a round saw no callback waiting for its run: then a finished run makes
+        #: none due and needs no round (most hosts have no callbacks, and runs finish often).
+        self._awaiting_finish = True
+        self._submissions = 0  # submissions with callbacks: a round's view predating one is stale
 
     def start(self) -> None:
         self._stopping = False
@@ -169,8 +186,19 @@ class CallbackSender:
             self._http = None
 
     def wake(self) -> None:
-        """Look for due callbacks now (a submission or a finished run may have made some)."""
+        """Look for due callbacks now."""
         self._wake.set()
+
+    def submitted(self) -> None:
+        """Submissions with callbacks were stored: some may be due, others wait for a run."""
+        self._awaiting_finish = True
+        self._submissions += 1
+        self.wake()
+
+    def run_finished(self) -> None:
+        """A run finished: its ``finished`` callbacks, if it has any, became due with it."""
+        if self._awaiting_finish:
+            self.wake()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -187,6 +215,9 @@ class CallbackSender:
         """Start sending what is due; how long to wait before looking again."""
         now = self.clock()
         self._settled.clear()
+        submissions = self._submissions
+        if not await self.store.callbacks_waiting() and submissions == self._submissions:
+            self._awaiting_finish = False
         for callback in await self.store.due_callbacks(now, _BATCH):
             if self._stopping or len(self._in_flight) >= MAX_IN_FLIGHT:
                 break

@@ -12,18 +12,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from . import metrics
 from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
 from .blobs import BlobNotFound, BlobStore
 from .callbacks import CallbackSender, check_callbacks
-from .dispatch import WorkerSession, WorkerSide
+from .dispatch import Lease, WorkerSession, WorkerSide
 from .events import EventBus, RunChanged
 from .jobs import InvalidJob, JobDefinition, canonical_json, job_id, parse_definition
 from .logs import LogStore
 from .metrics import QueueStats
 from .runs import DEFAULT_NAMESPACE, RunRecord, RunState
+from .secrets import SecretBox, check_values
 from .service_base import DAY, BadRequest, Forbidden, ServiceConfig, ServiceError, TooLarge
 from .store.base import (
     Change,
@@ -66,12 +68,14 @@ class QueueService(WorkerSide):
         self.bus = EventBus()
         self.clock = clock
         self._sessions: dict[str, WorkerSession] = {}
-        self._fences: dict[str, tuple[int, str, str]] = {}  # run id → (fence, worker, queue)
+        self._fences: dict[str, Lease] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._touched: dict[str, float] = {}  # run id → when this process last recorded a read
         #: Live counts: unfinished runs (for the idle culler) and the metrics.
         self.stats = QueueStats(clock)
         self.callbacks = CallbackSender(store, self.config, clock)
+        #: Secret values of unfinished runs, in memory only (docs/design.md, "Secrets").
+        self.secrets = SecretBox()
         self.stopped = False  # set by stop(): sockets closing after it leave the store alone
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -141,28 +145,35 @@ class QueueService(WorkerSide):
         items = payload if isinstance(payload, list) else [payload]
         if not items:
             raise BadRequest("an empty batch submits nothing")
-        requests = [
+        checked = [
             await self._request(queue, item, i if isinstance(payload, list) else None)
             for i, item in enumerate(items)
         ]
+        requests = [request for request, _ in checked]
         results = await self.store.submit(requests, self.clock())
+        # At once, before any await: a worker's claim of a new run is answered after this.
+        for (_, values), result in zip(checked, results, strict=True):
+            if result.outcome != "cached":
+                self.secrets.keep(result.record.run_id, values)
         for result in results:
             self.stats.submitted(queue, result.outcome)
             if result.outcome != "cached":
                 self._publish(result.record)
             await self._apply(result.released)
         if any(r.callbacks for r in requests):
-            self.callbacks.wake()
+            self.callbacks.submitted()
         await self.dispatch(queue)
         answers = [self._answer(r.record) for r in results]
         return answers if isinstance(payload, list) else answers[0]
 
-    async def _request(self, queue: str, item: Any, index: int | None) -> SubmitRequest:
+    async def _request(
+        self, queue: str, item: Any, index: int | None
+    ) -> tuple[SubmitRequest, dict[str, str]]:
         where = "" if index is None else f"[{index}]"
         if not isinstance(item, dict):
             raise BadRequest(f"submission{where}: expected a job definition or an envelope")
         envelope = item if "definition" in item else {"definition": item}
-        unknown = set(envelope) - {"definition", "namespace", "rerun", "callbacks"}
+        unknown = set(envelope) - {"definition", "namespace", "rerun", "callbacks", "secrets"}
         if unknown:
             raise BadRequest(f"{where}{sorted(unknown)[0]}: unknown field of the envelope")
         callbacks = await check_callbacks(envelope.get("callbacks"), self.policy.public, where)
@@ -185,7 +196,11 @@ class QueueService(WorkerSide):
         except InvalidJob as exc:
             raise BadRequest(f"{where}{exc}") from None
         await self._check_blobs(definition, where)
-        return SubmitRequest(
+        try:
+            secrets = check_values(envelope.get("secrets"), definition.secrets)
+        except ValueError as exc:
+            raise BadRequest(f"{where}{exc}") from None
+        request = SubmitRequest(
             queue=queue,
             definition=definition,
             job_id=job_id(definition),
@@ -195,6 +210,7 @@ class QueueService(WorkerSide):
             cache_since=self.clock() - self.config.retention_days * DAY,
             callbacks=callbacks,
         )
+        return request, secrets
 
     async def _check_blobs(self, definition: JobDefinition, where: str) -> None:
         for field_name, path, ref in definition.data_refs():
@@ -365,9 +381,13 @@ class QueueService(WorkerSide):
                     await session.stop(change.record.run_id)
 
     def _publish(self, record: RunRecord) -> None:
+        lease = self._fences.get(record.run_id)
+        if lease is not None and record.state is RunState.RUNNING:
+            self._fences[record.run_id] = replace(lease, record=record)  # e.g. a new holder
         self.stats.run_changed(record)
         if record.finished:
-            self.callbacks.wake()  # its "finished" callbacks became due with it
+            self.callbacks.run_finished()
+            self.secrets.drop(record.run_id)
         self.bus.publish(RunChanged(record))
 
     @property

@@ -268,3 +268,75 @@ async def test_public_resolver_and_addresses() -> None:
         await resolver.resolve("127.0.0.1", 443)
     with pytest.raises(RefusedAddress, match="localhost resolves to"):
         await resolver.resolve("localhost", 443)
+
+
+async def test_finished_callbacks_after_rounds_that_saw_none(
+    make: Make, receiver: Receiver
+) -> None:
+    """A host skips the callback round after a run finishes once it has seen that no callback
+    waits for a run: a submission with one, or a restart with one stored, must undo that."""
+    service = await start(make())
+    worker = await connect(service, "w1", cpus=10)
+    plain = await service.submit(USER, "q", {"image": "busybox", "command": "echo plain"})
+    await service.finish("w1", plain["runId"], worker.assigned[-1].fence, Outcome(Reason.SUCCESS))
+    deadline = time.monotonic() + 15
+    while service.callbacks._awaiting_finish:  # a round ran and found nothing waiting
+        assert time.monotonic() < deadline, "no callback round after a finished run"
+        await asyncio.sleep(0.02)
+    callbacks = {"finished": f"{receiver.url}/finished"}
+    answer = await service.submit(USER, "q", {"definition": JOB, "callbacks": callbacks})
+    await service.finish("w1", answer["runId"], worker.assigned[-1].fence, Outcome(Reason.SUCCESS))
+    await receiver.wait(lambda: bool(receiver.delivered("/finished")), what="finished callback")
+    assert receiver.delivered("/finished")[0]["runId"] == answer["runId"]
+
+    # Stored and waiting across a restart: the new host's first round sees it.
+    again = {"finished": f"{receiver.url}/after-restart"}
+    second = await service.submit(
+        USER, "q", {"definition": {**JOB, "command": "echo 2"}, "callbacks": again}
+    )
+    await stop(service)
+    restarted = await start(make())
+    worker = await connect(restarted, "w1", cpus=10)
+    [assignment] = worker.assigned
+    assert assignment.record.run_id == second["runId"]
+    await restarted.finish("w1", second["runId"], assignment.fence, Outcome(Reason.SUCCESS))
+    await receiver.wait(lambda: bool(receiver.delivered("/after-restart")), what="callback")
+
+
+async def test_an_unanswering_name_server_holds_neither_submit_nor_the_shared_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name server that never answers (faked: this machine's resolver cannot be made to
+    hang) ends a public submission's callback check in RESOLVE_TIMEOUT, and the default pool,
+    which blob and log reads use, stays free meanwhile."""
+    import threading
+
+    from jupyter_compute_queue import callbacks
+
+    release = threading.Event()
+
+    def hanging_getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr(callbacks.socket, "getaddrinfo", hanging_getaddrinfo)
+    monkeypatch.setattr(callbacks, "RESOLVE_TIMEOUT", 0.5)
+    loop = asyncio.get_running_loop()
+    try:
+        checks = [
+            asyncio.ensure_future(
+                callbacks.check_callbacks({"finished": f"https://h{i}.example/"}, public=True)
+            )
+            for i in range(8)
+        ]
+        started = time.monotonic()
+        # Many times the default pool's size of other work still runs at once.
+        await asyncio.wait_for(
+            asyncio.gather(*(loop.run_in_executor(None, time.sleep, 0) for _ in range(64))), 5
+        )
+        assert time.monotonic() - started < 0.5
+        for check in checks:
+            with pytest.raises(BadRequest, match=r"cannot resolve .*no answer in 0.5 s"):
+                await check
+    finally:
+        release.set()

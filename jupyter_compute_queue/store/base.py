@@ -331,6 +331,10 @@ class Store(ABC):
         """Up to ``limit`` callbacks due at ``now``, the longest due first."""
 
     @abstractmethod
+    async def callbacks_waiting(self) -> bool:
+        """Whether any ``finished`` callback waits for its run to finish."""
+
+    @abstractmethod
     async def next_callback_at(self) -> float | None:
         """When the next callback is due (None: none is, whatever waits for a run)."""
 

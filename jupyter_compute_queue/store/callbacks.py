@@ -89,6 +89,15 @@ class CallbackQueries:
 
         return await self._engine.read(read)
 
+    async def callbacks_waiting(self) -> bool:
+        def read(c: sqlite3.Connection) -> bool:
+            return (
+                c.execute("SELECT 1 FROM callbacks WHERE due_at IS NULL LIMIT 1").fetchone()
+                is not None
+            )
+
+        return await self._engine.read(read)
+
     async def callbacks_done(self, ids: Collection[int]) -> None:
         wanted = [(i,) for i in ids]
         await self._engine.write(
