@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable
@@ -24,9 +25,10 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, w
 from .. import __version__
 from ..jobs import JobDefinition, parse_definition
 from ..runs import Phase, Reason
+from ..secrets import Redactor, missing_message, resolve
 from ..store.rows import DEFAULT_CPUS
 from .resources import Allocation, ResourceError, Resources
-from .runtime import Run, RunResult, Runtime
+from .runtime import Run, RunResult, Runtime, RuntimeLost
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,12 @@ LOG_FLUSH_SECONDS = 0.05
 LOG_BATCH_BYTES = 256 * 1024
 #: On shutdown, how long the runs given back get to remove their containers and folders.
 STOP_WAIT_SECONDS = 15.0
+#: Bounds of the time a websocket handshake with the host may take (otherwise a lease).
+CONNECT_TIMEOUT_MIN = 5.0
+CONNECT_TIMEOUT_MAX = 30.0
+#: After the runtime lost its engine and got it back, the wait before taking runs again
+#: (doubled at every loss in a row).
+RECOVER_BACKOFF = 0.5
 
 
 class FatalError(Exception):
@@ -67,6 +75,10 @@ class _Active:
     #: Why the run was stopped before it reached the runner (it then never starts).
     stopped: str | None = None
     handed: bool = False  # given to the runner, which stops it from then on
+    #: Replaces the run's secret values in its log text before it is sent.
+    redactor: Redactor = field(default_factory=lambda: Redactor(()))
+    #: Secrets with no value here: the run ends Error without starting.
+    missing: list[str] = field(default_factory=list)
 
 
 class Agent:
@@ -85,6 +97,10 @@ class Agent:
         self._draining = False
         self._stopped = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._reporting: asyncio.Future[None] | None = None
+        #: Waits for a runtime that lost its engine; nothing is taken meanwhile.
+        self._recovering: asyncio.Future[None] | None = None
+        self._lost_in_a_row = 0  # runtime losses since a run last ended with a result
         self.connected = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()  # fire-and-forget sends, kept referenced
 
@@ -126,8 +142,14 @@ class Agent:
     async def _connect(self) -> WebSocketClientConnection:
         url = self.options.url.replace("http", "ws", 1) + "worker"
         headers = {"Authorization": f"token {self.options.token}"} if self.options.token else {}
+        # A handshake that hangs (a partition that swallows bytes) is given up after a lease at
+        # most: past that, a fresh attempt is worth more than waiting on this one.
+        timeout = max(CONNECT_TIMEOUT_MIN, min(CONNECT_TIMEOUT_MAX, self._lease_seconds))
+        request = HTTPRequest(
+            url, headers=headers, connect_timeout=timeout, request_timeout=timeout
+        )
         try:
-            conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
+            conn = await websocket_connect(request)
         except HTTPClientError as exc:
             if exc.code in (401, 403):
                 body = exc.response.body.decode(errors="replace") if exc.response else ""
@@ -194,16 +216,28 @@ class Agent:
 
     async def _watch_lease(self) -> None:
         """Connected or not: once the lease passed without an acknowledged heartbeat, the host
-        has given these runs to someone else, so their containers must stop here."""
+        has given these runs to someone else, so their containers must stop here.
+
+        A connection that answered nothing for a whole lease is dropped too: a partition can
+        leave it open but dead (or losing what is sent through it), and only a new connection
+        and registration tell the host what happened here (results it never got, free room)."""
         while True:
             await asyncio.sleep(min(1.0, self._lease_seconds / 10))
-            if time.monotonic() - self._acked <= self._lease_seconds:
+            now = time.monotonic()
+            if now - self._acked <= self._lease_seconds:
                 continue
             for run_id, active in list(self.active.items()):
                 if active.result is None and not active.lease_lost:
                     active.lease_lost = True
                     log.warning("compute-queue worker: lease passed; stopping run %s", run_id)
                     await self._stop(run_id, "the worker lost its lease")
+            conn = self._conn
+            if conn is not None and now - self._registered_at > self._lease_seconds:
+                log.warning(
+                    "compute-queue worker: the host answered nothing for %.0fs; reconnecting",
+                    now - max(self._acked, self._registered_at),
+                )
+                _abort(conn)
 
     # --- messages from the host -----------------------------------------------------------
 
@@ -271,6 +305,11 @@ class Agent:
     def _start(self, message: dict[str, Any]) -> None:
         definition = parse_definition(message["definition"])
         run_id = str(message["runId"])
+        values, missing = resolve(definition.secrets, message.get("secrets"), os.environ)
+        if values:
+            # The runtime gets the secrets as part of the container's environment (names never
+            # clash: a definition may not list a name both in env and in secrets).
+            definition = definition.model_copy(update={"env": {**definition.env, **values}})
         room: asyncio.Event | None = None
         try:
             allocation = self.resources.allocate(
@@ -297,7 +336,9 @@ class Agent:
             allocation=allocation,
         )
         task = asyncio.ensure_future(self._run(run))
-        self.active[run.run_id] = _Active(run, task, room=room)
+        self.active[run.run_id] = _Active(
+            run, task, room=room, redactor=Redactor(values.values()), missing=missing
+        )
 
     def _make_room(self) -> None:
         """Give the waiting runs, oldest first, what they need once it is free."""
@@ -314,6 +355,8 @@ class Agent:
     async def _stop(self, run_id: str, why: str, active: _Active | None = None) -> None:
         """Stop a run: in the runner, or before it gets there."""
         active = active or self.active.get(run_id)
+        if active is not None and active.result is not None:
+            return  # it ended; only its result waits for the host
         if active is not None and not active.handed:
             active.stopped = why
             if active.room is not None:
@@ -340,16 +383,24 @@ class Agent:
             )
 
         def logs(stream: str, text: str) -> None:
-            active.logs.append({"s": stream, "d": text, "t": int(time.time() * 1000)})
-            active.log_bytes += len(text)
-            self._schedule_flush()
+            if active.redactor:
+                text = active.redactor.feed(stream, text)
+            if text:
+                active.logs.append({"s": stream, "d": text, "t": int(time.time() * 1000)})
+                active.log_bytes += len(text)
+                self._schedule_flush()
 
+        lost: str | None = None  # why the runtime could not carry the run to its end
         if active.stopped is not None:
             result = RunResult(Reason.CANCELLED, message=active.stopped)
+        elif active.missing:  # never run a container without its secrets
+            result = RunResult(Reason.ERROR, message=missing_message(active.missing))
         else:
             active.handed = True
             try:
                 result = await self.runner.run(run, phase, logs)
+            except RuntimeLost as exc:
+                lost = str(exc)
             except Exception as exc:  # a bug of ours must still end the run with a result
                 log.exception("compute-queue worker: run %s failed", run.run_id)
                 result = RunResult(Reason.ERROR, message=f"the worker failed: {exc}")
@@ -357,9 +408,47 @@ class Agent:
         self._make_room()
         if self.active.get(run.run_id) is not active:
             return  # given back while shutting down: the host has queued it again
+        if lost is not None:
+            await self._give_back_lost(active, lost)
+            return
+        self._lost_in_a_row = 0
+        for stream, text in active.redactor.flush():  # the ends held back: no value in them
+            active.logs.append({"s": stream, "d": text, "t": int(time.time() * 1000)})
         await self._flush(run.run_id)
         active.result = result
         await self._send_result(active)
+        self._report_free_soon()
+
+    async def _give_back_lost(self, active: _Active, why: str) -> None:
+        """The runtime lost its engine under a run: the job did nothing wrong, so the run goes
+        back to the queue (uncounted) for this or another worker, and this one takes nothing
+        until its runtime is back."""
+        run_id = active.run.run_id
+        log.warning("compute-queue worker: %s; giving run %s back", why, run_id)
+        active.logs.append(
+            {"s": "sys", "d": f"{why}: the run goes back to the queue\n", "t": _now_ms()}
+        )
+        await self._flush(run_id)
+        self._forget(run_id)
+        if self._recovering is None:
+            self._recovering = asyncio.ensure_future(self._recover())
+        await self._report_free()  # nothing free first, or the run would come straight back
+        await self.send({"type": "give-back", "runIds": [run_id]})
+
+    async def _recover(self) -> None:
+        """Wait for the runtime, clean up what the lost runs left, then take runs again.
+
+        Losses in a row wait longer each time (up to 30 s): a runtime that says it is back but
+        loses every run must not bounce runs through the host as fast as it can."""
+        self._lost_in_a_row += 1
+        try:
+            await self.runner.recovered()
+            await asyncio.sleep(min(30.0, RECOVER_BACKOFF * 2 ** (self._lost_in_a_row - 1)))
+            log.warning("compute-queue worker: the runtime is back; taking runs again")
+            with contextlib.suppress(Exception):  # else removed at the next registration
+                await self.runner.remove_leftovers(set(self.active))
+        finally:
+            self._recovering = None
         await self._report_free()
 
     def _background(self, job: Awaitable[Any]) -> None:
@@ -393,6 +482,16 @@ class Agent:
         if self._draining and not self.active:
             self._stopped.set()
 
+    def _report_free_soon(self) -> None:
+        """One capacity report for every run that ends in this turn of the loop: a busy
+        worker's runs end in bursts, and each report costs the host a claim."""
+        if self._reporting is None or self._reporting.done():
+            self._reporting = asyncio.ensure_future(self._report_after_turn())
+
+    async def _report_after_turn(self) -> None:
+        await asyncio.sleep(0)
+        await self._report_free()
+
     async def _report_free(self) -> None:
         free = self.resources.free
         for active in self.active.values():
@@ -404,7 +503,7 @@ class Agent:
             None if free.memory is None else max(free.memory, 0),
             max(free.gpus, 0),
         )
-        if self._draining:
+        if self._draining or self._recovering is not None:
             free = type(free)(0, 0, 0)
         await self.send(
             {
@@ -466,6 +565,20 @@ class Agent:
         self._stopped.set()
         if self._conn is not None:
             self._conn.close()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _abort(conn: WebSocketClientConnection) -> None:
+    """Close a connection at once: a closing handshake would wait for a peer that is not
+    answering. Its reader then gets None, as after any close."""
+    stream = conn.protocol.stream if conn.protocol is not None else None
+    if stream is not None:
+        stream.close()
+    else:
+        conn.close()
 
 
 def _needs(definition: JobDefinition) -> tuple[float, int, int]:

@@ -45,5 +45,8 @@ class NoopRunner:
     async def remove_leftovers(self, keep: set[str]) -> list[str]:
         return []  # a run leaves nothing behind
 
+    async def recovered(self) -> None:
+        return None  # it never loses anything
+
     async def close(self) -> None:
         return None

@@ -43,6 +43,12 @@ class RunResult:
     image_digest: str | None = None
 
 
+class RuntimeLost(Exception):
+    """What carries runs out went away in the middle of one (the Docker engine stopped or
+    restarted): not the job's doing, so no result. The agent gives the run back to the host and
+    takes no more runs until :meth:`Runtime.recovered` returns."""
+
+
 Phases = Callable[[Phase, str | None], None]  # (phase, image digest)
 Logs = Callable[[str, str], None]  # (stream, text)
 
@@ -59,6 +65,9 @@ class Runtime(Protocol):
     async def remove_leftovers(self, keep: set[str]) -> list[str]:
         """Clean up what earlier runs of this worker left, except the runs in ``keep``; the ids
         of the runs cleaned up."""
+
+    async def recovered(self) -> None:
+        """Return once runs can be carried out again, after a ``run`` raised RuntimeLost."""
 
     async def close(self) -> None:
         """Wait for the clean-up of finished runs (the worker is about to end)."""
