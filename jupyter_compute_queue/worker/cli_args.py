@@ -31,9 +31,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tags", default="", help="comma-separated tags jobs may ask for")
     parser.add_argument("--max-job-duration", default="1h", help="longest job to run (1h)")
     parser.add_argument("--data-dir", help="the worker's folder (id, cache, run folders)")
-    parser.add_argument("--network", choices=["bridge", "none", "internal"], default="bridge")
+    parser.add_argument(
+        "--network",
+        choices=["bridge", "none", "internal"],
+        default="bridge",
+        help="bridge: the worker's own network, with a route out (the default); internal: no "
+        "route off this machine; none: no network. As root the worker refuses jobs' traffic to "
+        "this machine, its LAN and private and link-local addresses (docs/worker.md, Isolation)",
+    )
+    parser.add_argument(
+        "--allow-egress",
+        action="append",
+        default=[],
+        metavar="ADDR[/BITS][:PORT]",
+        help="a private address or network (and port) jobs may reach all the same, e.g. a "
+        "package mirror 10.0.0.5:3128; repeat for several",
+    )
     parser.add_argument("--container-user", choices=["worker", "image"], default="worker")
-    parser.add_argument("--max-output-bytes", default="1g", help="cap on a run's /outputs")
+    parser.add_argument(
+        "--max-output-bytes",
+        default="1g",
+        help="cap on a run's /outputs: past it the job is stopped (Error) (default: 1g)",
+    )
+    parser.add_argument(
+        "--max-disk-bytes",
+        help="cap on all a run writes to this machine's disk: /outputs, its container's own "
+        "files (/tmp …) and what /inputs and the queue's /job-cache grow by; past it the job is "
+        "stopped (Error). The container's files and /job-cache are measured every 5 s "
+        "(default: --max-output-bytes + 10g)",
+    )
     parser.add_argument("--id", help="the worker id (default: one kept in the data dir)")
     parser.add_argument("--grace", default="30s", help="SIGTERM grace before giving runs back")
     parser.add_argument(

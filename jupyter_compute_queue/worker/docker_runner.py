@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import requests.exceptions
+
 from ..jobs import JobDefinition, command_argv
 from ..runs import OutputRef, Phase, Reason
+from .disk import DiskMeter, over_caps
+from .egress import Allowed, Egress, EgressUnavailable, needed_by_jobs
 from .images import ImageError, build_image, ensure_image
-from .prepare import RunFolder, job_cache, output_files, prepare, tree_size
+from .prepare import RunFolder, job_cache, output_files, prepare
 from .resources import cuda_visible_devices, docker_device_request
-from .runtime import Logs, Phases, Run, RunResult
+from .runtime import Logs, Phases, Run, RunResult, RuntimeLost
 from .transfer import TransferError, Transfers
 
 __all__ = ["LABEL_RUN", "LABEL_WORKER", "DockerRunner", "Run", "RunResult", "RunnerConfig"]
@@ -32,6 +36,15 @@ logger = logging.getLogger(__name__)
 
 LABEL_WORKER = "compute-queue.worker"
 LABEL_RUN = "compute-queue.run"
+#: An engine that shuts down stops its containers first and answers a while longer (until the
+#: slowest container's stop timeout, 10 s by default): how long a container stopped from
+#: outside waits to see whether its engine goes away.
+ENGINE_SHUTDOWN_SECONDS = 15.0
+#: How often a worker whose engine went away asks whether it is back.
+ENGINE_POLL_SECONDS = 0.5
+#: What a run may write to the worker's disk beyond its ``--max-output-bytes``, unless the
+#: worker's ``--max-disk-bytes`` says otherwise: as much as a queue's job cache keeps.
+DISK_HEADROOM = 10 * 1024**3
 
 
 @dataclass
@@ -50,6 +63,17 @@ class RunnerConfig:
     pids_limit: int = 4096
     job_cache_bytes: int = 10 * 1024**3
     output_poll_seconds: float = 1.0
+    #: The cap on all a run writes to the worker's disk (``/outputs`` included; see
+    #: ``disk.py``); None: ``max_output_bytes`` + ``DISK_HEADROOM``.
+    max_disk_bytes: int | None = None
+    #: How often the container's writable layer and the queue's job cache are measured (the
+    #: engine walks the whole layer: tens of ms for tens of thousands of files); ``/outputs``
+    #: and ``/inputs`` are measured every ``output_poll_seconds``.
+    disk_poll_seconds: float = 5.0
+    #: Private destinations jobs may reach all the same (``--allow-egress``).
+    allow_egress: tuple[Allowed, ...] = ()
+    #: The iptables program for the egress rules; None: the one holding the engine's chains.
+    iptables: str | None = None
 
 
 class DockerRunner:
@@ -61,11 +85,13 @@ class DockerRunner:
         self.config = config
         self.transfers = transfers
         self.host_api = host_api
+        self._running: set[str] = set()  # runs between the start and the end of ``run``
         self._stopping: dict[str, str] = {}  # run id → why it is being stopped
         self._containers: dict[str, Any] = {}
         self._cleaning: set[asyncio.Future[None]] = set()  # removals of finished runs
         self._network: str | None = None
         self._network_lock = threading.Lock()
+        self.egress = Egress(config.worker_id, config.iptables)
 
     async def run(self, run: Run, phase: Phases, log: Logs) -> RunResult:
         """Run to the end; never raises for the job's own failures (they are results)."""
@@ -73,6 +99,7 @@ class DockerRunner:
         sys_log: Callable[[str], None] = lambda text: log("sys", text)  # noqa: E731
         digest: str | None = None
         folder: RunFolder | None = None
+        self._running.add(run.run_id)
         try:
             phase(Phase.BUILDING if definition.build else Phase.PULLING, None)
             digest = await asyncio.wait_for(
@@ -105,7 +132,10 @@ class DockerRunner:
             return RunResult(
                 Reason.ERROR, message=f"moving a file failed: {exc}", image_digest=digest
             )
+        except requests.exceptions.ConnectionError as exc:
+            raise RuntimeLost(f"the Docker engine stopped answering ({exc})") from None
         finally:
+            self._running.discard(run.run_id)
             self._stopping.pop(run.run_id, None)
             # The result goes to the host now; the exited container and the run folder are
             # removed right after, in the background (``close`` waits for that): their removal
@@ -114,6 +144,8 @@ class DockerRunner:
 
     async def stop(self, run_id: str, why: str = "cancelled") -> None:
         """Stop a run's container: SIGTERM, then SIGKILL after the grace period."""
+        if run_id not in self._running:
+            return  # ended already: remembering the stop would stop its next attempt here
         self._stopping.setdefault(run_id, why)
         container = self._containers.get(run_id)
         if container is not None:
@@ -121,6 +153,25 @@ class DockerRunner:
 
     def running(self) -> list[str]:
         return list(self._containers)
+
+    async def recovered(self) -> None:
+        """Wait until the engine answers again. Its networks may be gone with it (a reset
+        engine), so the worker's own is looked up, or made, again at the next run."""
+        while True:
+            # On a connection of its pool the client may still reach an engine that is shutting
+            # down (it serves open connections until it exits): ask on a new one.
+            self.client.api.close()
+            if await asyncio.to_thread(self._answers):
+                break
+            await asyncio.sleep(ENGINE_POLL_SECONDS)
+        with self._network_lock:
+            self._network = None
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
 
     async def close(self) -> None:
         """Wait until the containers and folders of finished runs are removed, then remove the
@@ -139,6 +190,8 @@ class DockerRunner:
                 for network in self.client.networks.list(names=[name]):
                     if network.name == name:  # the name filter also matches longer names
                         network.remove()
+                # Only once the network is gone: a container that outlived its run keeps them.
+                self.egress.remove()
                 return
             except Exception as exc:  # the engine may still release a removed container's
                 if attempt == 9:  # endpoint; else in use (a container outlived its run)
@@ -233,12 +286,17 @@ class DockerRunner:
             },
             name=f"cq-{run.run_id[:16]}-{run.fence}-{cfg.worker_id[:8]}",
             init=True,
-            nano_cpus=int(d.cpus * 1e9) if d.cpus else None,
+            # What the worker accounts for the run: a job that names no cpus is counted (and
+            # scheduled) as 1 CPU, so it gets no more than that either.
+            nano_cpus=int(run.allocation.cpus * 1e9) or None,
             mem_limit=memory,
             memswap_limit=memory,
             shm_size=d.shm_size,
             pids_limit=cfg.pids_limit,
             security_opt=["no-new-privileges"],
+            # Raw sockets would let a root job forge packets on the bridge (ARP spoofing of the
+            # other jobs' traffic); ping works without them (ICMP datagram sockets).
+            cap_drop=["NET_RAW"],
             privileged=False,
             user=f"{os.getuid()}:{os.getgid()}" if cfg.container_user == "worker" else None,
             network=self._network_name() if cfg.network != "none" else None,
@@ -257,8 +315,11 @@ class DockerRunner:
                 internal = self.config.network == "internal"
                 name = f"compute-queue-{self.config.worker_id}{'-internal' if internal else ''}"
                 # The engine's name filter also matches longer names ("…-w1" finds "…-w10").
-                if not any(n.name == name for n in self.client.networks.list(names=[name])):
-                    self.client.networks.create(
+                found = [n for n in self.client.networks.list(names=[name]) if n.name == name]
+                network = (
+                    found[0]
+                    if found
+                    else self.client.networks.create(
                         name,
                         driver="bridge",
                         internal=internal,
@@ -266,17 +327,68 @@ class DockerRunner:
                         options={"com.docker.network.bridge.enable_icc": "false"},
                         labels={LABEL_WORKER: self.config.worker_id},
                     )
+                )
+                self._restrict_egress(name, network)
                 self._network = name
             return self._network
+
+    def _restrict_egress(self, name: str, network: Any) -> None:
+        """Install the worker's egress rules for its network (replacing a crashed process's),
+        or warn, once, saying what jobs can reach and how to close it. Never raises: jobs run
+        either way."""
+        attrs: dict[str, Any] = getattr(network, "attrs", None) or {}
+        gateway = ((attrs.get("IPAM") or {}).get("Config") or [{}])[0].get("Gateway", "?")
+        options = attrs.get("Options") or {}
+        interface = options.get("com.docker.network.bridge.name") or (
+            f"br-{attrs['Id'][:12]}" if attrs.get("Id") else None
+        )
+        allowed = [*self.config.allow_egress, *needed_by_jobs(self.host_api)]
+        try:
+            if interface is None:
+                raise EgressUnavailable("the engine did not say which bridge the network uses")
+            self.egress.install(interface, allowed)
+            logger.info(
+                "compute-queue worker: jobs on network %s cannot reach this machine, its LAN or"
+                " private and link-local addresses (iptables chains %s, %s); allowed: %s",
+                name,
+                self.egress.forward_chain,
+                self.egress.input_chain,
+                ", ".join(map(str, allowed)) or "nothing",
+            )
+            return
+        except EgressUnavailable as exc:
+            why = str(exc)
+        reach = f"this machine's own services (through the gateway {gateway} or any address of it)"
+        others = "--network none (no network at all)"
+        if self.config.network == "bridge":
+            reach += ", its LAN, and private and link-local addresses like 169.254.169.254"
+            others = f"--network internal (no route off this machine) or {others}"
+        logger.warning(
+            "compute-queue worker: jobs on network %s can reach %s: the worker cannot refuse"
+            " that traffic because %s. Run the worker as root where the Docker engine manages"
+            " iptables (the worker then adds its rules to the engine's DOCKER-USER chain and to"
+            ' INPUT; docs/worker.md, "Isolation", lists them to add by hand), or use %s.',
+            name,
+            reach,
+            why,
+            others,
+        )
 
     async def _execute(
         self, run: Run, container: Any, folder: RunFolder, phase: Phases, log: Logs
     ) -> RunResult:
+        meter = await asyncio.to_thread(
+            DiskMeter,
+            folder,
+            self.config.data_dir / "job-cache" / run.queue,
+            lambda: _layer_size(self.client, container.id),
+        )
         loop = asyncio.get_running_loop()
         stream = await asyncio.to_thread(
             self.client.api.attach, container.id, stream=True, logs=True, demux=True
         )
         pump = asyncio.ensure_future(asyncio.to_thread(_pump, stream, loop, log))
+        started = int(time.time())
         await asyncio.to_thread(container.start)
         phase(Phase.RUNNING, None)
         limit = min(
@@ -287,6 +399,7 @@ class DockerRunner:
         deadline = time.monotonic() + limit
         why: Reason | None = None
         message: str | None = None
+        measured = time.monotonic()  # the layer and the job cache, last time
         while not waiter.done():
             done, _ = await asyncio.wait({waiter}, timeout=self.config.output_poll_seconds)
             if done:
@@ -295,8 +408,12 @@ class DockerRunner:
                 why, message = Reason.CANCELLED, self._stopping[run.run_id]
             elif time.monotonic() > deadline:
                 why, message = Reason.TIMED_OUT, f"ran past its limit of {limit} s"
-            elif (message := await self._over_cap(folder)) is not None:
-                why = Reason.ERROR
+            else:
+                slow = time.monotonic() - measured >= self.config.disk_poll_seconds
+                if slow:
+                    measured = time.monotonic()
+                if (message := await self._over_cap(meter, slow)) is not None:
+                    why = Reason.ERROR
             if why is not None:
                 log("sys", f"stopping the container: {message}\n")
                 await asyncio.to_thread(_stop, container, self.config.cancel_grace)
@@ -309,9 +426,13 @@ class DockerRunner:
             return RunResult(why, exit_code=code, message=message)
         if run.run_id in self._stopping:
             return RunResult(Reason.CANCELLED, exit_code=code, message=self._stopping[run.run_id])
-        # A job can write past the cap and exit between two samples: check once more before
-        # anything is uploaded.
-        if (message := await self._over_cap(folder)) is not None:
+        if code in (137, 143) and await self._engine_went_away(container.id, started):
+            raise RuntimeLost(
+                f"the Docker engine stopped the container (exit {code}) and went away"
+            )
+        # A job can write past a cap and exit between two samples: check once more (all of
+        # it: the exited container's layer is still there) before anything is uploaded.
+        if (message := await self._over_cap(meter, True)) is not None:
             log("sys", message + "\n")
             return RunResult(Reason.ERROR, exit_code=code, message=message)
         if code == 0:
@@ -324,12 +445,41 @@ class DockerRunner:
             return RunResult(Reason.FAILED, exit_code=code, message=message)
         return RunResult(Reason.FAILED, exit_code=code, message=f"exited with code {code}")
 
-    async def _over_cap(self, folder: RunFolder) -> str | None:
-        """Why the run must end when /outputs holds more than the cap, else None."""
-        size = await asyncio.to_thread(tree_size, folder.outputs)
-        if size <= self.config.max_output_bytes:
-            return None
-        return f"/outputs grew past the cap of {self.config.max_output_bytes} bytes ({size})"
+    async def _engine_went_away(self, container_id: str, since: int) -> bool:
+        """Whether a container killed by a signal was stopped from outside (no stop of ours
+        makes a ``stop`` event) by an engine that then went away: an engine shutting down stops
+        every container first. A person's ``docker stop`` leaves the engine up: that stays the
+        job's result."""
+
+        def outside_stops() -> list[Any]:
+            # The event may follow the container's exit by a moment: wait a second for it.
+            until = int(time.time()) + 1
+            filters = {"container": container_id, "event": "stop"}
+            return list(
+                self.client.api.events(since=since, until=until, filters=filters, decode=True)
+            )
+
+        try:
+            if not await asyncio.to_thread(outside_stops):
+                return False
+        except requests.exceptions.ConnectionError:
+            return True
+        deadline = time.monotonic() + ENGINE_SHUTDOWN_SECONDS
+        while time.monotonic() < deadline:
+            if not await asyncio.to_thread(self._answers):
+                return True
+            await asyncio.sleep(ENGINE_POLL_SECONDS / 2)
+        return False
+
+    async def _over_cap(self, meter: DiskMeter, slow: bool) -> str | None:
+        """Why the run must end when it wrote more than a cap (``/outputs``, or everything it
+        wrote to the disk), else None."""
+        use = await asyncio.to_thread(lambda: meter.sample(slow=slow))
+        cfg = self.config
+        max_disk = cfg.max_disk_bytes
+        if max_disk is None:
+            max_disk = cfg.max_output_bytes + DISK_HEADROOM
+        return over_caps(use, cfg.max_output_bytes, max_disk)
 
     async def _upload(self, folder: RunFolder) -> dict[str, OutputRef]:
         outputs = {}
@@ -351,6 +501,19 @@ def _stop(container: Any, grace: float) -> None:
     except Exception:
         with contextlib.suppress(Exception):
             container.kill()  # SIGKILL; fails only when the container is gone already
+
+
+def _layer_size(client: Any, container_id: str) -> int | None:
+    """Bytes in the container's writable layer (``SizeRw``), or None when the engine does not
+    say. docker-py's inspect cannot ask for sizes; a listing filtered to the container can."""
+    try:
+        found = client.api.containers(all=True, size=True, filters={"id": container_id})
+    except requests.exceptions.RequestException:
+        return None  # an engine that went away is the waiter's to report, not the sampler's
+    for entry in found:
+        if entry.get("Id") == container_id:
+            return int(entry.get("SizeRw") or 0)
+    return None
 
 
 def _inspect(container: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from jupyter_core.paths import jupyter_data_dir
 from ..units import parse_duration, parse_size
 from .agent import Agent, FatalError, WorkerOptions
 from .docker_runner import DockerRunner, RunnerConfig
+from .egress import Allowed, parse_allowed
 from .noop_runner import NoopRunner
 from .resources import ResourceError, Resources, parse_gpus
 from .runtime import Runtime
@@ -95,8 +96,10 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
         memory = parse_size(args.memory) if args.memory else None
         max_duration = parse_duration(args.max_job_duration)
         max_output = parse_size(args.max_output_bytes)
+        max_disk = parse_size(args.max_disk_bytes) if args.max_disk_bytes else None
         grace = parse_duration(args.grace)
         gpus = parse_gpus(args.gpus)
+        allow_egress = tuple(parse_allowed(text) for text in args.allow_egress)
     except (ValueError, ResourceError) as exc:
         raise StartError(str(exc)) from None
     data_dir = Path(args.data_dir or Path(jupyter_data_dir()) / "compute-queue-worker")
@@ -110,7 +113,16 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
         log.warning("compute-queue worker: --runtime noop runs nothing: for benchmarks only")
     else:
         runner = _docker_runner(
-            args, api, token, data_dir, worker_id, memory, max_duration, max_output
+            args,
+            api,
+            token,
+            data_dir,
+            worker_id,
+            memory,
+            max_duration,
+            max_output,
+            max_disk,
+            allow_egress,
         )
     options = WorkerOptions(
         url=api,
@@ -134,6 +146,8 @@ def _docker_runner(
     memory: int | None,
     max_duration: int,
     max_output: int,
+    max_disk: int | None,
+    allow_egress: tuple[Allowed, ...],
 ) -> DockerRunner:
     """The default runtime, once the Docker engine and the host answer."""
     client = docker_client()
@@ -146,8 +160,10 @@ def _docker_runner(
             network=args.network,
             container_user=args.container_user,
             max_output_bytes=max_output,
+            max_disk_bytes=max_disk,
             default_memory=memory,
             max_job_duration=max_duration,
+            allow_egress=allow_egress,
         ),
         Transfers(api, token, ContentCache(data_dir / "cache")),
         api,
@@ -155,6 +171,7 @@ def _docker_runner(
     if args.network != "none":
         # Made once here, before any run: runs starting together would each create one (Docker
         # allows duplicate names), and a container on an ambiguous network name cannot start.
+        # Its egress rules come with it (or the warning that they cannot).
         try:
             runner._network_name()
         except Exception as exc:

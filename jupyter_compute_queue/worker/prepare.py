@@ -53,7 +53,11 @@ async def prepare(
     transfers: Transfers,
     host_api: str,
 ) -> RunFolder:
-    """Make the run's folder and put every input in place (fetching key and url inputs)."""
+    """Make the run's folder and put every input in place (fetching key and url inputs).
+
+    Key and url inputs are the run's own copies of the worker's cached files, never hard links
+    to them: ``/inputs`` is writable, and a root job ignores the cache's read-only mode.
+    """
     folder = RunFolder(runs_dir / run_id)
     if folder.root.exists():
         folder.remove()  # a leftover of an earlier attempt of this run on this worker
@@ -73,9 +77,10 @@ async def prepare(
             dest.write_bytes(data)
         elif ref.type is DataRefType.KEY:
             key = str(ref.value)
-            await transfers.fetch(blobs.get(key) or f"{host_api}f/{key}", dest, sha256=key)
+            url = blobs.get(key) or f"{host_api}f/{key}"
+            await transfers.fetch(url, dest, sha256=key, copy=True)
         else:
-            await transfers.fetch(str(ref.value), dest)
+            await transfers.fetch(str(ref.value), dest, copy=True)
     return folder
 
 
@@ -104,15 +109,23 @@ def tree_size(path: Path) -> int:
     """Bytes of the regular files under ``path`` (symlinks not followed)."""
     if path.is_symlink() or not path.is_dir():
         return path.lstat().st_size if path.is_file() and not path.is_symlink() else 0
+    # scandir rather than os.walk: the entry types come with the listing, so only regular
+    # files cost a stat (the worker measures run folders and job caches while jobs run).
     total = 0
-    for root, _dirs, files in os.walk(path, followlinks=False):
-        for name in files:
-            try:
-                stat = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue  # removed while we looked
-            if not os.path.islink(os.path.join(root, name)):
-                total += stat.st_size
+    folders = [str(path)]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue  # removed while we looked
+        except OSError:
+            continue  # a folder removed while we looked
     return total
 
 

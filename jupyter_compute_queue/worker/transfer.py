@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -64,6 +65,9 @@ CONTINUE_WAIT = 1.0
 _ERROR_BODY_MAX = 4096
 #: At most this much of an early response head is read byte by byte.
 _HEAD_MAX = 64 * 1024
+#: ``ioctl(dest, FICLONE, src)`` (``_IOW(0x94, 9, int)`` in <linux/fs.h>): make ``dest`` share
+#: ``src``'s blocks, copied on write (btrfs, XFS formatted with reflink, bcachefs).
+FICLONE = 0x40049409
 
 
 class TransferError(Exception):
@@ -119,6 +123,33 @@ def _copy_into(src: Path, dest_dir: Path) -> Path:
     return Path(name)
 
 
+def clone_file(src: Path, dest: Path) -> None:
+    """Write ``dest`` (replacing it) with the bytes of ``src``, as cheaply as the file system
+    allows: a reflink (no bytes copied until either file is written), else ``copy_file_range``
+    (a copy inside the kernel, which some file systems turn into a reflink or a server-side
+    copy themselves), else ``shutil.copyfile`` (``sendfile``, else reads and writes). ``dest``
+    gets a fresh mode (0o666 less the umask), never ``src``'s."""
+    with src.open("rb") as source, dest.open("wb") as target:
+        try:
+            fcntl.ioctl(target.fileno(), FICLONE, source.fileno())
+            return
+        except OSError:
+            pass  # EOPNOTSUPP (ext4, tmpfs …), EXDEV, EINVAL: no reflink here
+        size = os.fstat(source.fileno()).st_size
+        copied = 0
+        try:
+            while copied < size:
+                done = os.copy_file_range(source.fileno(), target.fileno(), size - copied)
+                if done == 0:
+                    break
+                copied += done
+        except OSError:
+            pass  # ENOSYS (old kernel), EXDEV (some pairs of file systems), EINVAL …
+        if copied == size:
+            return
+    shutil.copyfile(src, dest)  # starts over: a failed copy_file_range may have written part
+
+
 def _hash_file(path: Path, cancel: threading.Event | None = None) -> tuple[str, int]:
     """sha256 and size of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -136,10 +167,10 @@ class ContentCache:
     """The worker's content-addressed cache of inputs: ``root/<key[:2]>/<key>``, files
     read-only, temp files in ``root/tmp/``.
 
-    Files are hard-linked into run folders, so they are made read-only: a job that opens an
-    input for writing gets EACCES instead of changing it for every later run (it may still
-    delete or replace its link). A container running as root ignores the mode; a runner that
-    starts such containers should pass ``copy=True`` to :meth:`link_into`.
+    A run must get its own copy (``copy=True`` of :meth:`link_into`, which reflinks where the
+    file system can): its ``/inputs`` are writable, and through a hard link a job running as
+    root (which ignores the read-only mode) or as the file's owner (who may chmod it) would
+    change the cached bytes for every later run, on any queue.
 
     Methods block (file system calls); async callers run them in a thread.
     """
@@ -190,8 +221,9 @@ class ContentCache:
 
     def link_into(self, sha256: str, dest: Path, *, copy: bool = False) -> None:
         """Put the cached blob at ``dest`` (replacing what is there), creating parent folders:
-        a hard link, or a copy if linking fails (another file system, no hard links) or
-        ``copy`` is set. FileNotFoundError if the blob is not cached."""
+        with ``copy`` a file of its own (:func:`clone_file`), else a hard link (or that copy
+        where linking fails: another file system, no hard links). FileNotFoundError if the
+        blob is not cached."""
         source = self.path(sha256)
         if not source.is_file():
             raise FileNotFoundError(f"blob {sha256} is not in the content cache {self.root}")
@@ -204,8 +236,7 @@ class ContentCache:
                 return
             except OSError:
                 pass  # EXDEV, EPERM, EMLINK, ENOTSUP …: a copy does the job
-        # A copy gets a fresh, writable mode (copyfile copies no permission bits).
-        shutil.copyfile(source, dest)
+        clone_file(source, dest)
 
 
 class _Upload:
@@ -279,9 +310,12 @@ class Transfers:
         """The host's ``f/{key}`` URL of a blob."""
         return f"{self.host_api}f/{check_key(sha256)}"
 
-    async def fetch(self, url: str, dest: Path, sha256: str | None = None) -> str:
-        """Download ``url`` (absolute, or relative to ``host_api``) into the cache and link it
-        to ``dest``; return its sha256.
+    async def fetch(
+        self, url: str, dest: Path, sha256: str | None = None, *, copy: bool = False
+    ) -> str:
+        """Download ``url`` (absolute, or relative to ``host_api``) into the cache and put it
+        at ``dest`` (:meth:`ContentCache.link_into`: a hard link, or with ``copy`` a file of
+        its own, as a run's writable inputs need); return its sha256.
 
         With ``sha256`` a cached copy is used without a request, and the download is checked
         against it (a mismatch raises TransferError and caches nothing).
@@ -291,10 +325,10 @@ class Transfers:
         if sha256 is not None:
             check_key(sha256)
             if await asyncio.to_thread(self.cache.has, sha256):
-                await asyncio.to_thread(self.cache.link_into, sha256, dest)
+                await asyncio.to_thread(self.cache.link_into, sha256, dest, copy=copy)
                 return sha256
         key = await self._retry(lambda cancel: self._download(absolute, sha256, cancel))
-        await asyncio.to_thread(self.cache.link_into, key, dest)
+        await asyncio.to_thread(self.cache.link_into, key, dest, copy=copy)
         return key
 
     async def upload(self, path: Path) -> tuple[str, int]:

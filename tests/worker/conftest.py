@@ -20,6 +20,7 @@ import pytest
 
 from jupyter_compute_queue.worker.agent import Agent, WorkerOptions
 from jupyter_compute_queue.worker.docker_runner import LABEL_WORKER, DockerRunner, RunnerConfig
+from jupyter_compute_queue.worker.egress import Egress
 from jupyter_compute_queue.worker.resources import Resources
 from jupyter_compute_queue.worker.transfer import ContentCache, Transfers
 from tests.server.conftest import *  # noqa: F403 - the host fixtures (jp_*, fetch, cq_config)
@@ -111,7 +112,8 @@ def unique_id(prefix: str = "w") -> str:
 
 def remove_containers(client: Any, worker_id: str) -> None:
     """Remove every container and network a test worker left (only that worker's, by its
-    label): each test worker has its own bridge network, and the engine has few address pools."""
+    label): each test worker has its own bridge network, and the engine has few address pools.
+    The worker's egress rules go too (as root a worker adds some; a killed one leaves them)."""
     label = {"label": f"{LABEL_WORKER}={worker_id}"}
     for container in client.containers.list(all=True, filters=label):
         with contextlib.suppress(Exception):
@@ -119,6 +121,7 @@ def remove_containers(client: Any, worker_id: str) -> None:
     for network in client.networks.list(filters=label):
         with contextlib.suppress(Exception):
             network.remove()
+    Egress(worker_id).remove()
 
 
 async def wait_result(

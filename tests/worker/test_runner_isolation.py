@@ -101,6 +101,8 @@ async def test_no_privileges_socket_or_host_paths(
             "mkdir -p /tmp/m",
             "mount -t tmpfs none /tmp/m 2>/dev/null && echo mount=done || echo mount=refused",
             "test -e /var/run/docker.sock && echo sock=there || echo sock=missing",
+            "test -e /run/docker.sock && echo runsock=there || echo runsock=missing",
+            f"cat {tmp_path / secret} >/dev/null 2>&1 && echo read=done || echo read=refused",
             f"echo found=$(find / -name {secret} 2>/dev/null | wc -l)",
             "cat /proc/mounts",
         ]
@@ -115,7 +117,8 @@ async def test_no_privileges_socket_or_host_paths(
     got = values(logs)
     assert got["nnp"] == "1", logs
     assert got["mount"] == "refused", logs
-    assert got["sock"] == "missing", logs
+    assert got["sock"] == "missing" and got["runsock"] == "missing", logs
+    assert got["read"] == "refused", logs
     assert got["found"] == "0", logs
     system = ("/proc", "/sys", "/dev")
     engine = {"/", "/etc/resolv.conf", "/etc/hostname", "/etc/hosts", "/sbin/docker-init"}
@@ -127,6 +130,102 @@ async def test_no_privileges_socket_or_host_paths(
     assert "/" in mounts, logs
     others = {m for m in mounts - engine if not m.startswith(system)}
     assert others == {"/inputs", "/outputs", "/job-cache", "/etc/abs.cfg"}, others
+
+
+#: Docker's default capabilities (engine 20.10) less NET_RAW, which the runner drops: a root
+#: job keeps at most these.
+ROOT_CAPABILITIES = {
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "FOWNER": 3,
+    "FSETID": 4,
+    "KILL": 5,
+    "SETGID": 6,
+    "SETUID": 7,
+    "SETPCAP": 8,
+    "NET_BIND_SERVICE": 10,
+    "SYS_CHROOT": 18,
+    "MKNOD": 27,
+    "AUDIT_WRITE": 29,
+    "SETFCAP": 31,
+}
+CAP_NET_RAW = 13
+
+PRIVILEGES = """
+import os, subprocess
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+for name in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs"):
+    print(name.lower() + "=" + status[name].strip())
+euid = subprocess.run(
+    ["/opt/suid/python", "-c", "import os; print(os.geteuid())"],
+    capture_output=True, text=True,
+).stdout.strip()
+print("setuid_binary_euid=" + euid)
+try:
+    os.setuid(0)
+    print("setuid=done")
+except PermissionError:
+    print("setuid=refused")
+"""
+
+
+@pytest.fixture
+def setuid_image(docker_engine: Any, test_images: Any) -> Iterator[str]:
+    """The Python image with a setuid-root copy of python at /opt/suid/python, run as nobody."""
+    client = docker.from_env()
+    tag = f"cq-test/python-setuid:{uuid.uuid4().hex[:8]}"
+    dockerfile = (
+        f"FROM {test_images.python}\n"
+        "RUN mkdir -p /opt/suid && cp /usr/bin/python3 /opt/suid/python"
+        " && chmod 4755 /opt/suid/python\n"
+        "USER 65534:65534\n"
+    ).encode()
+    # No network for the RUN step: it needs none, and then not the engine's default bridge.
+    client.images.build(
+        fileobj=io.BytesIO(dockerfile), tag=tag, rm=True, forcerm=True, network_mode="none"
+    )
+    yield tag
+    with contextlib.suppress(Exception):
+        client.images.remove(tag, force=True)
+
+
+async def test_no_privilege_gain(
+    fetch: Fetch,
+    worker_ids: list[str],
+    start_worker: StartWorker,
+    test_images: Any,
+    setuid_image: str,
+) -> None:
+    """A job as an unprivileged user stays one (setuid binaries do nothing: no-new-privileges);
+    a job as root has no more than Docker's default capabilities, less NET_RAW."""
+    worker_ids.append(new_id("g"))
+    await start_worker(worker_ids[0], network="none", container_user="image")
+    job = {"image": setuid_image, "command": ["python3", "-c", PRIVILEGES]}
+    result, logs = await run_job(fetch, job)
+    assert result["reason"] == "Success", (result, logs)
+    got = values(logs)
+    assert got["nonewprivs"] == "1", logs
+    assert int(got["capeff"], 16) == 0 and int(got["capprm"], 16) == 0, logs
+    assert got["setuid_binary_euid"] == "65534", logs
+    assert got["setuid"] == "refused", logs
+    # The same container without the runner's settings: the setuid binary does make root, so
+    # it is the runner that stopped it.
+    client = docker.from_env()
+    plain = client.containers.run(
+        setuid_image, ["python3", "-c", PRIVILEGES], network_mode="none", remove=True
+    ).decode()
+    assert values(plain)["setuid_binary_euid"] == "0", plain
+
+    status = "grep -E '^(CapEff|CapBnd):' /proc/self/status | tr -d '\\t' | tr : ="
+    result, logs = await run_job(fetch, {"image": test_images.busybox, "command": status})
+    assert result["reason"] == "Success", (result, logs)
+    got = values(logs)
+    allowed = sum(1 << bit for bit in ROOT_CAPABILITIES.values())
+    for name in ("CapEff", "CapBnd"):
+        caps = int(got[name], 16)
+        assert caps & ~allowed == 0, (name, hex(caps), logs)
+        assert not caps & (1 << CAP_NET_RAW), (name, logs)
+    assert int(got["CapBnd"], 16) != 0, logs  # root in the container: the check saw something
 
 
 async def test_networks(

@@ -120,6 +120,88 @@ async def test_cpus_pids_shm_and_init(
     assert got["pids"] == "4096", got
     assert got["shm"] == str(100 * 1024), got  # KiB
     assert got["init"] in ("docker-init", "tini"), got
+    # A job that names no cpus is counted as 1 CPU, and limited to it.
+    result, logs = await run_job(fetch, {"image": test_images.busybox, "command": script})
+    assert result["reason"] == "Success", (result, logs)
+    got = values(logs)
+    assert int(got["quota"]) / int(got["period"]) == 1, got
+
+
+FORK_BOMB = """
+import errno, os, signal
+children, error = [], "none"
+while len(children) < 1000:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno, str(exc.errno))
+        break
+    if pid == 0:
+        signal.pause()  # hold the pid until killed
+        os._exit(0)
+    children.append(pid)
+print("forked=%d" % len(children))
+print("error=" + error)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print("cleaned=yes")
+"""
+
+
+async def test_a_fork_bomb_stops_at_the_pids_limit(
+    fetch: Fetch, start_worker: StartWorker, test_images: Any
+) -> None:
+    limit = 64
+    await start(start_worker, "pids", pids_limit=limit)
+    job = {"image": test_images.python, "command": ["python3", "-c", FORK_BOMB]}
+    result, logs = await run_job(fetch, job)
+    assert result["reason"] == "Success", (result, logs)
+    got = values(logs)
+    assert got["error"] == "EAGAIN", logs  # the kernel refused the fork at the limit
+    # The init and python hold two of the pids; the bomb stopped at the limit, not before.
+    assert limit - 4 <= int(got["forked"]) <= limit - 2, logs
+    assert got["cleaned"] == "yes", logs
+
+
+CPU_BURN = """
+import os, time
+def read(*paths):
+    for path in paths:
+        if os.path.exists(path):
+            return dict(line.split() for line in open(path))
+stat_files = ("/sys/fs/cgroup/cpu/cpu.stat", "/sys/fs/cgroup/cpu,cpuacct/cpu.stat",
+              "/sys/fs/cgroup/cpu.stat")
+before = read(*stat_files)
+wall, cpu = time.monotonic(), time.process_time()
+while time.monotonic() - wall < 2.0:
+    pass
+print("ratio=%.3f" % ((time.process_time() - cpu) / (time.monotonic() - wall)))
+after = read(*stat_files)
+print("throttled=%d" % (int(after["nr_throttled"]) - int(before["nr_throttled"])))
+"""
+
+
+async def test_a_busy_job_gets_its_cpu_quota_and_no_more(
+    fetch: Fetch, start_worker: StartWorker, test_images: Any
+) -> None:
+    """The quota is not only set (test_cpus_pids_shm_and_init) but enforced: a job that spins
+    for two seconds with ``cpus: 0.5`` gets about one second of CPU, and the kernel throttled
+    it (the cgroup's cpu.stat, v1 or v2)."""
+    await start(start_worker, "burn")
+    job = {
+        "image": test_images.python,
+        "command": ["python3", "-c", CPU_BURN],
+        "requirements": {"cpus": 0.5},
+    }
+    result, logs = await run_job(fetch, job)
+    assert result["reason"] == "Success", (result, logs)
+    got = values(logs)
+    # At most the quota (a period's slack); other load on the machine can only lower it.
+    assert float(got["ratio"]) <= 0.6, logs
+    # Up to 20 periods of 100 ms were cut short; fewer when other load left the job short of
+    # its quota anyway, but some always are.
+    assert int(got["throttled"]) >= 1, logs
 
 
 async def test_output_cap(fetch: Fetch, start_worker: StartWorker, test_images: Any) -> None:
