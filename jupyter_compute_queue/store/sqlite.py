@@ -111,7 +111,9 @@ class SqliteStore(CallbackQueries, Store):
             try:
                 before = int(cursor)
             except ValueError:
-                raise ValueError(f"cursor {cursor!r} is not one this host gave out") from None
+                before = -1
+            if not 0 < before <= _UNLIMITED:  # beyond SQLite's integers: none we gave out
+                raise ValueError(f"cursor {cursor!r} is not one this host gave out")
         where = "queue = ? AND seq < ?"
         args: list[Any] = [queue, before]
         if states:

@@ -178,6 +178,12 @@ async def test_query_numbers_must_be_ascii_digits(fetch: Fetch) -> None:
     assert (await fetch("q", "q", params={"limit": "7"})).code == 200
 
 
+async def test_a_cursor_no_page_ever_gave_is_400(fetch: Fetch) -> None:
+    """Found by fuzzing: a cursor past SQLite's integers was a 500 (OverflowError)."""
+    for cursor in (str(2**63), "9" * 40, "0", "x"):
+        assert_error(await fetch("q", "q", params={"cursor": cursor}), 400, "cursor")
+
+
 # --- path traversal -----------------------------------------------------------------------------
 
 

@@ -90,9 +90,11 @@ async def test_pagination_is_stable_while_runs_are_added(store: SqliteStore) -> 
     assert page2.cursor is None
 
 
-async def test_bad_cursor_is_a_value_error(store: SqliteStore) -> None:
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "0", "-5", str(2**63), "9" * 40])
+async def test_bad_cursor_is_a_value_error(store: SqliteStore, cursor: str) -> None:
+    # Found by fuzzing: a cursor past SQLite's integers was an OverflowError (a 500).
     with pytest.raises(ValueError, match="cursor"):
-        await store.list_runs("q", cursor="not-a-cursor")
+        await store.list_runs("q", cursor=cursor)
 
 
 async def test_list_filters_by_state_and_namespace(store: SqliteStore) -> None:

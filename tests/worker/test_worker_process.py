@@ -96,7 +96,13 @@ async def running_on(fetch: Fetch, job_id: str, worker_id: str) -> dict[str, Any
 
 
 def run_containers(client: Any, run_id: str) -> list[Any]:
-    return list(client.containers.list(all=True, filters={"label": f"compute-queue.run={run_id}"}))
+    # Sparse: a full listing inspects each container and fails on one removed meanwhile.
+    label = {"label": f"compute-queue.run={run_id}"}
+    return list(client.containers.list(all=True, sparse=True, filters=label))
+
+
+def worker_of(container: Any) -> str:
+    return str(container.attrs["Labels"]["compute-queue.worker"])
 
 
 def remove_worker_leftovers(client: Any, worker_id: str) -> None:
@@ -413,9 +419,16 @@ async def test_kill_9_mid_run_another_worker_finishes(
     assert result["lostCount"] == 1 and result["attempt"] == 2
     assert result["runId"] == first["runId"]
     assert "done" in (await fetch("q", "q", "j", job, "logs")).body.decode()
+
+    # B removes its own container after reporting the result (reporting comes first).
+    async def b_cleaned_up() -> bool:
+        workers = [worker_of(c) for c in run_containers(docker_engine, first["runId"])]
+        return "kill-b" not in workers
+
+    await until(b_cleaned_up, 30, "kill-b removing its finished container")
     # B never touched A's orphan container (the test's cleanup removes it).
     orphans = run_containers(docker_engine, first["runId"])
-    assert [c.labels["compute-queue.worker"] for c in orphans] == ["kill-a"]
+    assert [worker_of(c) for c in orphans] == ["kill-a"]
 
 
 @LEASE_2S
