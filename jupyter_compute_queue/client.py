@@ -83,6 +83,9 @@ __all__ = [
     "LogStream",
 ]
 
+#: Submissions per request of a batch (below the host's default max_batch_size of 1000).
+BATCH_REQUEST = 500
+
 
 class Client(HttpClient):
     """A connection to one queue host (nothing is opened until a call needs it).
@@ -240,13 +243,22 @@ class Client(HttpClient):
                 envelope["callbacks"] = dict(item.callbacks)
             envelopes.append(envelope)
         self._ensure_blobs(list(blobs.values()), progress)
-        answer = self._json(
-            "POST", f"q/{quote(target, safe='')}", payload=envelopes if batch else envelopes[0]
-        )
-        answers = answer if batch else [answer]
-        if not isinstance(answers, list) or len(answers) != len(items):
+        path = f"q/{quote(target, safe='')}"
+        answers: list[Any] = []
+        if not batch:
+            answers.append(self._json("POST", path, payload=envelopes[0]))
+        # A host takes at most max_batch_size (default 1000) submissions per request: a bigger
+        # batch goes in several requests, in order (each is all or nothing on the host).
+        for start in range(0, len(envelopes) if batch else 0, BATCH_REQUEST):
+            answer = self._json("POST", path, payload=envelopes[start : start + BATCH_REQUEST])
+            if not isinstance(answer, list):
+                raise ComputeQueueError(
+                    f"the host's answer to a submission is not understood: {answer}"
+                )
+            answers += answer
+        if len(answers) != len(items):
             raise ComputeQueueError(
-                f"the host's answer to a submission is not understood: {answer}"
+                f"the host answered {len(answers)} submissions for {len(items)} sent"
             )
         jobs = [Job._from_answer(self, a, i.namespace) for a, i in zip(answers, items, strict=True)]
         for job in jobs:

@@ -288,22 +288,31 @@ class JobDefinition(_Wire):
     def _image(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
             raise ValueError("an image reference cannot be empty or contain spaces")
-        return value
+        return _no_nul(value)
 
     @field_validator("command", "entrypoint")
     @classmethod
     def _command(cls, value: Command) -> Command:
         if value == [] or (isinstance(value, str) and not value.strip()):
             return None
+        for part in [value] if isinstance(value, str) else value or []:
+            _no_nul(part)
         command_argv(value)  # refuses unbalanced quotes now rather than on the worker
         return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        return _no_nul(value)
 
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, text in value.items():
             if not _ENV_NAME_RE.match(name):
                 raise ValueError(f"{name!r} is not a valid variable name")
+            if "\x00" in text:
+                raise ValueError(f"the value of {name!r} contains a NUL character")
         return value
 
     @field_validator("secrets")
@@ -382,6 +391,13 @@ class JobDefinition(_Wire):
     @property
     def gpus(self) -> int:
         return (self.requirements.gpus or 0) if self.requirements else 0
+
+
+def _no_nul(value: str | None) -> str | None:
+    """Docker (and every exec) ends a string at NUL: refuse it here, not fail on a worker."""
+    if value is not None and "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
 
 
 def _check_paths(field: str, refs: dict[str, DataRef], *, absolute_ok: bool) -> dict[str, DataRef]:

@@ -507,6 +507,13 @@ REJECTED: list[tuple[str, Any, str]] = [
         {"image": IMAGE, "inputs": {"a": UTF8}, "configFiles": {"/inputs/a/b": UTF8}},
         "configFiles./inputs/a/b",
     ),
+    # Docker (and exec) cut strings at NUL: refused here rather than failing on a worker.
+    ("NUL in the image", {"image": "busybox\x00x"}, "image"),
+    ("NUL in a command string", {"image": IMAGE, "command": "echo a\x00b"}, "command"),
+    ("NUL in a command argument", {"image": IMAGE, "command": ["echo", "a\x00"]}, "command"),
+    ("NUL in an entrypoint", {"image": IMAGE, "entrypoint": ["sh\x00"]}, "entrypoint"),
+    ("NUL in an env value", {"image": IMAGE, "env": {"A": "b\x00c"}}, "env"),
+    ("NUL in the workdir", {"image": IMAGE, "workdir": "/w\x00"}, "workdir"),
 ]
 
 
@@ -651,7 +658,9 @@ jobs = st.builds(
         st.lists(names, min_size=1, max_size=4).map(" ".join),
     ),
     env=st.dictionaries(
-        st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True), st.text(max_size=8), max_size=3
+        st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True),
+        st.text(st.characters(exclude_characters="\x00"), max_size=8),  # NUL: refused
+        max_size=3,
     ).map(lambda d: tuple(sorted(d.items()))),
     inputs=st.dictionaries(paths, st.binary(max_size=16), max_size=3).map(
         lambda d: tuple(sorted(d.items()))

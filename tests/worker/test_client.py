@@ -38,7 +38,7 @@ from jupyter_compute_queue.client import (
     JobTimeout,
     LogRecord,
 )
-from jupyter_compute_queue.jobs import job_id
+from jupyter_compute_queue.jobs import job_id, parse_definition
 from jupyter_compute_queue.worker.docker_runner import LABEL_WORKER
 
 from .conftest import Fetch, StartWorker, body
@@ -366,6 +366,19 @@ async def test_batch_submit(
         assert f"batch {i}\n" in await run(job.logs)
     assert jobs[1].record is not None and jobs[1].record.namespaces == ["batch-one"]
     assert await run(client.submit_batch, []) == []
+
+
+async def test_a_batch_over_the_hosts_max_batch_size_goes_in_parts(
+    server_url: str, host_token: str
+) -> None:
+    """The host takes at most max_batch_size (1000) per request: a batch of 1,201 still goes
+    through, in order (no worker: the runs stay queued)."""
+    client = Client(server_url, host_token, queue="big-batch")
+    definitions = [{"image": "busybox", "command": ["echo", str(i)]} for i in range(1201)]
+    jobs = await run(client.submit_batch, definitions)
+    assert len(jobs) == 1201
+    assert [j.job_id for j in jobs] == [job_id(parse_definition(d)) for d in definitions]
+    assert all(j.state == "Queued" for j in jobs)
 
 
 async def test_attach_from_a_fresh_client_and_another_process(
