@@ -73,7 +73,7 @@ async def test_the_engine_restarts_under_a_running_worker(
     try:
 
         async def no_leftovers() -> bool:
-            return not await asyncio.to_thread(client.containers.list, all=True)
+            return not await asyncio.to_thread(client.containers.list, all=True, sparse=True)
 
         await until(no_leftovers, 30, "the worker removed the interrupted run's container")
     finally:

@@ -47,7 +47,7 @@ async def test_a_cut_off_worker_stops_its_run_and_its_late_result_is_refused(
     label = {"label": f"compute-queue.run={run_id}"}
 
     def containers() -> list[Any]:
-        return list(docker_engine.containers.list(all=True, filters=label))
+        return list(docker_engine.containers.list(all=True, sparse=True, filters=label))
 
     assert await asyncio.to_thread(containers)
 

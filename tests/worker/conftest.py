@@ -115,7 +115,7 @@ def remove_containers(client: Any, worker_id: str) -> None:
     label): each test worker has its own bridge network, and the engine has few address pools.
     The worker's egress rules go too (as root a worker adds some; a killed one leaves them)."""
     label = {"label": f"{LABEL_WORKER}={worker_id}"}
-    for container in client.containers.list(all=True, filters=label):
+    for container in client.containers.list(all=True, sparse=True, filters=label):
         with contextlib.suppress(Exception):
             container.remove(force=True)
     for network in client.networks.list(filters=label):

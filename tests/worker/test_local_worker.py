@@ -108,7 +108,7 @@ async def test_the_local_worker_is_supervised(
     assert record is not None and record.state.value == "Queued", record
     assert record.lost_count == 0, record
     label = {"label": f"compute-queue.worker={local_worker_id(app)}"}
-    assert docker_engine.containers.list(all=True, filters=label) == []
+    assert docker_engine.containers.list(all=True, sparse=True, filters=label) == []
 
 
 @pytest.mark.parametrize("cq_config", [{"local_worker": "auto"}])

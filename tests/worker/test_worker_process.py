@@ -499,7 +499,7 @@ async def test_sigterm_gives_runs_back(
         record = await run_record(fetch, job)
         assert record["state"] == "Queued" and record["lostCount"] == 0, record
     label = {"label": "compute-queue.worker=term-a"}
-    left = docker_engine.containers.list(all=True, filters=label)
+    left = docker_engine.containers.list(all=True, sparse=True, filters=label)
     assert left == [], [(c.name, c.status, c.attrs["Created"], c.labels) for c in left]
     # Its network too: the engine's address pools are few, a network per worker would run out.
     assert [n.name for n in docker_engine.networks.list(filters=label)] == []
