@@ -1,7 +1,7 @@
 """The SQLite store: WAL, ``synchronous=FULL``, one writer with group commit (see engine.py).
 
-Each public method is one transaction function run by the engine; the helpers below it are
-plain synchronous SQL on the writer's connection.
+Each public method is one transaction function run by the engine; the longer transactions
+(submit, claim, fencing) are plain synchronous SQL in :mod:`.writes`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import json
 import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs import DEFAULT_NAMESPACE, Phase, Reason, RunRecord, RunState
+from ..runs import Phase, Reason, RunRecord, RunState
 from .base import (
     Assignment,
     Capacity,
@@ -34,13 +33,11 @@ from .base import (
     Swept,
     WorkerInfo,
 )
-from .callbacks import CallbackQueries, add_for_submission
+from .callbacks import CallbackQueries
 from .engine import Engine
 from .rows import (
-    DEFAULT_CPUS,
     RUN_COLUMNS,
     STATE_CODE,
-    STATES,
     fetch_run,
     fetch_runs,
     finish_run,
@@ -50,12 +47,18 @@ from .rows import (
     to_record,
 )
 from .schema import MIGRATIONS
+from .writes import (
+    UNLIMITED,
+    claim_many,
+    claim_one,
+    current_seq,
+    forget_cached,
+    held_runs,
+    submit_one,
+)
 
-_UNLIMITED = 2**62
 #: Reasons that mean the job itself failed: a rerun ending so removes the old cached result.
 _JOB_FAILURES = {Reason.FAILED.value, Reason.ERROR.value, Reason.TIMED_OUT.value}
-#: Reasons the host decides: a worker's late result for such a run is refused, not a duplicate.
-_HOST_ENDED = {Reason.CANCELLED.value, Reason.REPLACED.value, Reason.WORKER_LOST.value}
 
 
 class SqliteStore(CallbackQueries, Store):
@@ -78,7 +81,7 @@ class SqliteStore(CallbackQueries, Store):
     # --- jobs and submissions -------------------------------------------------------------
 
     async def submit(self, requests: Sequence[SubmitRequest], now: float) -> list[SubmitResult]:
-        return await self._engine.write(lambda c: [_submit_one(c, r, now) for r in requests])
+        return await self._engine.write(lambda c: [submit_one(c, r, now) for r in requests])
 
     async def get_definition(self, job_id: str) -> dict[str, Any] | None:
         def read(c: sqlite3.Connection) -> dict[str, Any] | None:
@@ -106,13 +109,13 @@ class SqliteStore(CallbackQueries, Store):
         cursor: str | None = None,
         limit: int = 50,
     ) -> Page:
-        before = _UNLIMITED
+        before = UNLIMITED
         if cursor:
             try:
                 before = int(cursor)
             except ValueError:
                 before = -1
-            if not 0 < before <= _UNLIMITED:  # beyond SQLite's integers: none we gave out
+            if not 0 < before <= UNLIMITED:  # beyond SQLite's integers: none we gave out
                 raise ValueError(f"cursor {cursor!r} is not one this host gave out")
         where = "queue = ? AND seq < ?"
         args: list[Any] = [queue, before]
@@ -183,7 +186,7 @@ class SqliteStore(CallbackQueries, Store):
         return await self._engine.write(tx)
 
     async def forget(self, queue: str, job_id: str) -> int:
-        return await self._engine.write(lambda c: _forget(c, queue, job_id))
+        return await self._engine.write(lambda c: forget_cached(c, queue, job_id))
 
     async def touch(self, run_ids: Collection[str], now: float) -> None:
         ids = list(run_ids)
@@ -253,17 +256,17 @@ class SqliteStore(CallbackQueries, Store):
             ).rowcount
             if not updated:
                 raise NotFound(f"worker {worker_id!r} is not registered")
-            return _held(c, worker_id)
+            return held_runs(c, worker_id)
 
         return await self._engine.write(tx)
 
     async def claim(self, worker: WorkerInfo, free: Capacity, now: float) -> Assignment | None:
-        return await self._engine.write(lambda c: _claim(c, worker, free, now))
+        return await self._engine.write(lambda c: claim_one(c, worker, free, now))
 
     async def claim_many(
         self, worker: WorkerInfo, free: Capacity, now: float, limit: int
     ) -> list[Assignment]:
-        return await self._engine.write(lambda c: _claim_many(c, worker, free, now, limit))
+        return await self._engine.write(lambda c: claim_many(c, worker, free, now, limit))
 
     def set_phase_later(
         self, run_id: str, fence: int, worker_id: str, phase: Phase, image_digest: str | None
@@ -296,7 +299,7 @@ class SqliteStore(CallbackQueries, Store):
         self, run_id: str, fence: int, worker_id: str, phase: Phase, image_digest: str | None
     ) -> RunRecord:
         def tx(c: sqlite3.Connection) -> RunRecord:
-            seq = _current(c, run_id, fence, worker_id, running_only=True)
+            seq = current_seq(c, run_id, fence, worker_id, running_only=True)
             c.execute(
                 "UPDATE runs SET phase = ?, image_digest = coalesce(?, image_digest) WHERE seq = ?",
                 (phase.value, image_digest, seq),
@@ -309,7 +312,7 @@ class SqliteStore(CallbackQueries, Store):
         self, run_id: str, fence: int, worker_id: str, outcome: Outcome, now: float
     ) -> Change:
         def tx(c: sqlite3.Connection) -> Change:
-            seq = _current(c, run_id, fence, worker_id, running_only=False)
+            seq = current_seq(c, run_id, fence, worker_id, running_only=False)
             state, job_id, queue, rerun = c.execute(
                 "SELECT state, job_id, queue, rerun FROM runs WHERE seq = ?", (seq,)
             ).fetchone()
@@ -332,7 +335,7 @@ class SqliteStore(CallbackQueries, Store):
                 [(o.key, f"r:{seq}") for o in outcome.outputs.values()],
             )
             if rerun and outcome.reason.value in _JOB_FAILURES:
-                _forget(c, queue, job_id)
+                forget_cached(c, queue, job_id)
             record = finish_run(c, seq, outcome.reason, outcome.message, now)
             return Change(record, changed=True)
 
@@ -354,7 +357,7 @@ class SqliteStore(CallbackQueries, Store):
 
     async def drop_worker(self, worker_id: str) -> None:
         def tx(c: sqlite3.Connection) -> None:
-            if _held(c, worker_id):
+            if held_runs(c, worker_id):
                 raise Conflict(f"worker {worker_id!r} still holds runs: give them back first")
             c.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
@@ -449,253 +452,3 @@ class SqliteStore(CallbackQueries, Store):
             return found
 
         return await self._engine.read(read)
-
-
-# --- transaction helpers (writer thread) ----------------------------------------------------
-
-
-def _submit_one(c: sqlite3.Connection, req: SubmitRequest, now: float) -> SubmitResult:
-    result = _submit_run(c, req, now)
-    add_for_submission(c, req, result.record, result.outcome, now)
-    return result
-
-
-def _submit_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> SubmitResult:
-    row = c.execute(
-        "SELECT seq, namespaces, rerun FROM runs WHERE queue = ? AND job_id = ? AND state != 2",
-        (req.queue, req.job_id),
-    ).fetchone()
-    joined_seq = row[0] if row else None
-    released = _release_namespace(c, req.namespace, keep=joined_seq, now=now)
-    if row is not None:
-        holders = json.loads(row[1])
-        if req.namespace not in holders:
-            set_holders(c, row[0], [*holders, req.namespace])
-        if req.rerun and not row[2]:
-            c.execute("UPDATE runs SET rerun = 1 WHERE seq = ?", (row[0],))
-        record = fetch_run(c, "seq = ?", (row[0],))
-        return SubmitResult(record, "joined", released)  # type: ignore[arg-type]
-    if not req.rerun:
-        hit = _cached(c, req)
-        if hit is not None:
-            holders = json.loads(hit[1])
-            if req.namespace not in holders:
-                set_holders(c, hit[0], [*holders, req.namespace])
-            c.execute("UPDATE runs SET accessed_at = ? WHERE seq = ?", (now, hit[0]))
-            record = fetch_run(c, "seq = ?", (hit[0],))
-            assert record is not None
-            return SubmitResult(record.model_copy(update={"cached": True}), "cached", released)
-    return SubmitResult(_insert_run(c, req, now), "new", released)
-
-
-def _cached(c: sqlite3.Connection, req: SubmitRequest) -> tuple[int, str] | None:
-    sql = "SELECT seq, namespaces FROM runs WHERE job_id = ? AND cacheable = 1 AND finished_at >= ?"
-    args: list[Any] = [req.job_id, req.cache_since]
-    if not req.cache_any_queue:
-        sql += " AND queue = ?"
-        args.append(req.queue)
-    return c.execute(sql + " ORDER BY seq DESC LIMIT 1", args).fetchone()  # type: ignore[no-any-return]
-
-
-def _release_namespace(
-    c: sqlite3.Connection, namespace: str, keep: int | None, now: float
-) -> list[Change]:
-    """A non-default namespace holds at most one unfinished run: let go of the others."""
-    if namespace == DEFAULT_NAMESPACE:
-        return []
-    changes = []
-    for seq, holders_json, state, worker in c.execute(
-        "SELECT r.seq, r.namespaces, r.state, r.worker_id FROM holders h JOIN runs r "
-        "ON r.seq = h.seq WHERE h.namespace = ? AND r.state != 2",
-        (namespace,),
-    ).fetchall():
-        if seq == keep:
-            continue
-        holders = [h for h in json.loads(holders_json) if h != namespace]
-        set_holders(c, seq, holders)
-        if holders:
-            changes.append(Change(fetch_run(c, "seq = ?", (seq,)), changed=True))  # type: ignore[arg-type]
-        else:
-            message = f"replaced: {namespace} submitted another job"
-            record = finish_run(c, seq, Reason.REPLACED, message, now)
-            changes.append(Change(record, True, stop_on_worker=worker if state == 1 else None))
-    return changes
-
-
-def _insert_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> RunRecord:
-    defn = req.definition
-    c.execute(
-        "INSERT INTO jobs (job_id, definition, created_at, accessed_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (job_id) DO UPDATE SET accessed_at = excluded.accessed_at",
-        (req.job_id, json.dumps(defn.wire(), ensure_ascii=False), now, now),
-    )
-    c.executemany(
-        "INSERT OR IGNORE INTO blob_refs (key, owner) VALUES (?, ?)",
-        [(key, f"j:{req.job_id}") for key in defn.blob_keys()],
-    )
-    cursor = c.execute(
-        "INSERT INTO runs (run_id, job_id, queue, state, namespaces, rerun, req_cpus, req_memory,"
-        " req_gpus, max_duration, tags, queued_at, accessed_at)"
-        " VALUES (?, ?, ?, 0, '[]', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            uuid.uuid4().hex,
-            req.job_id,
-            req.queue,
-            int(req.rerun),
-            defn.cpus if defn.cpus is not None else DEFAULT_CPUS,
-            defn.memory or 0,
-            defn.gpus,
-            defn.max_duration or 0,
-            json.dumps(defn.tags) if defn.tags else "",
-            now,
-            now,
-        ),
-    )
-    seq = cursor.lastrowid
-    assert seq is not None
-    set_holders(c, seq, [req.namespace])
-    return fetch_run(c, "seq = ?", (seq,))  # type: ignore[return-value]
-
-
-def _claim(
-    c: sqlite3.Connection, worker: WorkerInfo, free: Capacity, now: float
-) -> Assignment | None:
-    _check_lease(c, worker, now)
-    memory = _UNLIMITED if free.memory is None else free.memory
-    best: int | None = None
-    for queue in worker.queues:
-        after = 0
-        while True:
-            rows = c.execute(
-                "SELECT seq, tags FROM runs WHERE state = 0 AND queue = ? AND seq > ?"
-                " AND req_cpus <= ? AND req_memory <= ? AND req_gpus <= ? AND max_duration <= ?"
-                " ORDER BY seq LIMIT 64",
-                (queue, after, free.cpus + 1e-9, memory, free.gpus, worker.max_duration),
-            ).fetchall()
-            fit = next((s for s, t in rows if not t or worker.tags.issuperset(json.loads(t))), None)
-            if fit is not None or len(rows) < 64:
-                break
-            after = rows[-1][0]
-        if fit is not None and (best is None or fit < best):
-            best = fit
-    if best is None:
-        return None
-    c.execute(
-        "UPDATE runs SET state = 1, attempt = attempt + 1, worker_id = ?, worker_version = ?,"
-        " started_at = ?, phase = NULL WHERE seq = ?",
-        (worker.worker_id, worker.version, now, best),
-    )
-    record = fetch_run(c, "seq = ?", (best,))
-    assert record is not None
-    definition, cpus, mem, gpus = c.execute(
-        "SELECT j.definition, r.req_cpus, r.req_memory, r.req_gpus FROM runs r"
-        " JOIN jobs j ON j.job_id = r.job_id WHERE r.seq = ?",
-        (best,),
-    ).fetchone()
-    return Assignment(record, json.loads(definition), record.attempt, Capacity(cpus, mem, gpus))
-
-
-def _claim_many(
-    c: sqlite3.Connection, worker: WorkerInfo, free: Capacity, now: float, limit: int
-) -> list[Assignment]:
-    """Up to ``limit`` runs, oldest first, that fit together in ``free``.
-
-    Taking runs in seq order while they fit is the same as claiming the oldest run that fits
-    again and again (a run that does not fit now never fits in less room), with one lease
-    check, one scan and one read of the claimed runs instead of one of each per run."""
-    _check_lease(c, worker, now)
-    cpus, memory, gpus = free.cpus, _UNLIMITED if free.memory is None else free.memory, free.gpus
-    after = dict.fromkeys(worker.queues, 0)
-    taken: list[int] = []
-    while after and len(taken) < limit:
-        rows: list[tuple[int, str, float, int, int]] = []
-        for queue in list(after):
-            page = c.execute(
-                "SELECT seq, tags, req_cpus, req_memory, req_gpus FROM runs"
-                " WHERE state = 0 AND queue = ? AND seq > ? AND req_cpus <= ? AND req_memory <= ?"
-                " AND req_gpus <= ? AND max_duration <= ? ORDER BY seq LIMIT 64",
-                (queue, after[queue], cpus + 1e-9, memory, gpus, worker.max_duration),
-            ).fetchall()
-            if len(page) < 64:
-                del after[queue]  # nothing queued there beyond this page fits
-            else:
-                after[queue] = page[-1][0]
-            rows += page
-        rows.sort()
-        for seq, tags, run_cpus, run_memory, run_gpus in rows:
-            if len(taken) >= limit:
-                break
-            if run_cpus > cpus + 1e-9 or run_memory > memory or run_gpus > gpus:
-                continue
-            if tags and not worker.tags.issuperset(json.loads(tags)):
-                continue
-            taken.append(seq)
-            cpus, memory, gpus = cpus - run_cpus, memory - run_memory, gpus - run_gpus
-    if not taken:
-        return []
-    c.executemany(
-        "UPDATE runs SET state = 1, attempt = attempt + 1, worker_id = ?, worker_version = ?,"
-        " started_at = ?, phase = NULL WHERE seq = ?",
-        [(worker.worker_id, worker.version, now, seq) for seq in taken],
-    )
-    marks = ",".join("?" * len(taken))
-    records = {r.run_id: r for r in fetch_runs(c, f"seq IN ({marks})", taken)}
-    assignments = []
-    for run_id, definition, run_cpus, run_memory, run_gpus in c.execute(
-        "SELECT r.run_id, j.definition, r.req_cpus, r.req_memory, r.req_gpus FROM runs r"
-        f" JOIN jobs j ON j.job_id = r.job_id WHERE r.seq IN ({marks}) ORDER BY r.seq",
-        taken,
-    ):
-        record = records[run_id]
-        assignments.append(
-            Assignment(
-                record,
-                json.loads(definition),
-                record.attempt,
-                Capacity(run_cpus, run_memory, run_gpus),
-            )
-        )
-    return assignments
-
-
-def _check_lease(c: sqlite3.Connection, worker: WorkerInfo, now: float) -> None:
-    lease = c.execute(
-        "SELECT lease_expires FROM workers WHERE worker_id = ?", (worker.worker_id,)
-    ).fetchone()
-    if lease is None or lease[0] is None or lease[0] < now:
-        raise NotFound(f"worker {worker.worker_id!r} has no live lease: register it again")
-
-
-def _forget(c: sqlite3.Connection, queue: str, job_id: str) -> int:
-    """Stop a job's Success runs in a queue from answering as cached results."""
-    sql = "UPDATE runs SET cacheable = 0 WHERE queue = ? AND job_id = ? AND cacheable = 1"
-    return c.execute(sql, (queue, job_id)).rowcount
-
-
-def _current(
-    c: sqlite3.Connection, run_id: str, fence: int, worker_id: str, *, running_only: bool
-) -> int:
-    """The run's seq if this worker's fence is the current one; Conflict otherwise."""
-    row = c.execute(
-        "SELECT seq, state, attempt, worker_id, reason FROM runs WHERE run_id = ?", (run_id,)
-    ).fetchone()
-    if row is None:
-        raise NotFound(f"run {run_id} does not exist")
-    seq, state, attempt, holder, reason = row
-    if attempt != fence or holder != worker_id or state == 0:
-        raise Conflict(
-            f"run {run_id} is no longer yours: it is at fence {attempt} "
-            f"({STATES[state].value}) and your update carries fence {fence}"
-        )
-    if state == 2 and (running_only or reason in _HOST_ENDED):
-        raise Conflict(f"run {run_id} has already finished ({reason}): stop it")
-    return int(seq)
-
-
-def _held(c: sqlite3.Connection, worker_id: str) -> list[Held]:
-    return [
-        Held(run_id, fence)
-        for run_id, fence in c.execute(
-            "SELECT run_id, attempt FROM runs WHERE state = 1 AND worker_id = ?", (worker_id,)
-        )
-    ]
