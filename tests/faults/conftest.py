@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.host import Http
 from tests.docker_env import ImageNames, docker_client, in_ci, missing
 from tests.worker.conftest import *  # noqa: F403 - the host fixtures (jp_*, fetch, cq_config …)
 from tests.worker.conftest import JUPYTER, Fetch, body, remove_containers
@@ -261,55 +262,29 @@ class ServedHost:
             await asyncio.to_thread(self.process.wait)
 
 
-class HttpClient:
-    """One keep-alive HTTP/1.1 connection to a host (JSON in, bytes out). A connection the
-    host dropped raises ``OSError`` (``ConnectionError``); the next request connects again."""
+class HttpClient(Http):
+    """The benchmarks' keep-alive HTTP/1.1 client (JSON in, bytes out). A connection the host
+    dropped raises ``ConnectionResetError``; the next request connects again."""
 
     def __init__(self, port: int, token: str = HOST_TOKEN) -> None:
-        self.port = port
-        self.token = token
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        super().__init__(port, token)
 
-    async def request(self, method: str, path: str, payload: Any = None) -> tuple[int, bytes]:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self._reader is not None
-        data = b"" if payload is None else json.dumps(payload).encode()
-        head = (
-            f"{method} /{path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            f"Authorization: token {self.token}\r\nContent-Length: {len(data)}\r\n"
-            "Content-Type: application/json\r\n\r\n"
-        )
+    async def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, bytes]:
         try:
-            self._writer.write(head.encode() + data)
-            status_line = await self._reader.readline()
-            if not status_line:
-                raise ConnectionResetError("the host closed the connection")
-            headers: dict[str, str] = {}
-            while (line := await self._reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                parts = []
-                while size := int((await self._reader.readline()).split(b";")[0], 16):
-                    parts.append(await self._reader.readexactly(size))
-                    await self._reader.readline()
-                await self._reader.readline()
-                content = b"".join(parts)
-            else:
-                content = await self._reader.readexactly(int(headers.get("content-length", "0")))
+            return await super().request(method, path, body, raw)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             await self.close()
             raise ConnectionResetError(f"{method} {path}: {exc!r}") from None
-        return int(status_line.split()[1]), content
 
-    async def json(self, method: str, path: str, payload: Any = None) -> Any:
-        status, content = await self.request(method, path, payload)
+    async def json(self, method: str, path: str, body: Any = None) -> Any:
+        status, content = await self.request(method, path, body)
         assert status == 200, (method, path, status, content[:500])
         return json.loads(content)
 
     async def close(self) -> None:
+        # Abort, not close: the host may be dead (killed by the test) and never answer a FIN.
         if self._writer is not None:
             self._writer.transport.abort()
         self._reader = self._writer = None
