@@ -46,6 +46,25 @@ def open_sidebar(page: Page) -> Any:
     return panel
 
 
+def worker_running_when(page: Page, run_id: str, state: str) -> list[str]:
+    """The local worker's running runs in the first DOM state (checked at every animation frame)
+    where the sidebar shows ``run_id`` in ``state``: one render draws both from one message."""
+    handle = page.wait_for_function(
+        """([runId, state]) => {
+            const queue = document.querySelector('.jcq-queue[data-queue="local"]');
+            const run = queue?.querySelector(`.jcq-run[data-run-id="${runId}"]`);
+            const worker = queue?.querySelector('.jcq-worker');
+            if (!run || !worker || run.getAttribute('data-state') !== state) return null;
+            return (worker.getAttribute('data-running') || '').split(' ').filter(Boolean);
+        }""",
+        arg=[run_id, state],
+        polling="raf",
+        timeout=30_000,
+    )
+    running: list[str] = handle.json_value()
+    return running
+
+
 def shot(page: Page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
@@ -74,8 +93,12 @@ def test_cancel_from_the_sidebar(lab_page: Page, lab: LabServer, test_images: An
     panel = open_sidebar(lab_page)
     run = panel.locator(f'.jcq-run[data-run-id="{answer["runId"]}"]')
     expect(run).to_have_attribute("data-state", "Running", timeout=60_000)
+    # The worker's running runs follow the run's events (the host sends a worker event only on
+    # connect), so the frame that first shows the run in a state also shows the worker with it.
+    assert answer["runId"] in worker_running_when(lab_page, answer["runId"], "Running")
     run.locator(".jcq-run-cancel").click()
     expect(run).to_have_attribute("data-state", "Cancelled", timeout=30_000)
+    assert answer["runId"] not in worker_running_when(lab_page, answer["runId"], "Cancelled")
     record = wait_finished(lab, "local", answer["jobId"])
     assert record["reason"] == "Cancelled"
     shot(lab_page, "sidebar-cancelled")

@@ -7,6 +7,8 @@ import { age, duration, el, size } from './dom';
 
 const RENDER_MS = 100;
 const SAMPLE_MS = 2000;
+/** How often worker details (last seen) are read again without a worker event. */
+const STATUS_MS = 15000;
 /** Five minutes of samples for the chart. */
 const SAMPLES = 150;
 /** Runs listed per queue (the socket's snapshot holds the 100 newest). */
@@ -29,6 +31,7 @@ export class QueueSection {
   private renderTimer = 0;
   private statusTimer = 0;
   private readonly sampler: number;
+  private readonly refresher: number;
   private error = '';
   private workerCommand: string | null = null;
 
@@ -40,6 +43,8 @@ export class QueueSection {
     this.node = el('section', 'jcq-queue');
     this.node.dataset.queue = queue;
     this.sampler = window.setInterval(() => this.sample(), SAMPLE_MS);
+    // Heartbeats are not events: re-read the workers now and then so "seen … ago" stays true.
+    this.refresher = window.setInterval(() => this.refreshStatus(), STATUS_MS);
     this.connect();
     this.render();
   }
@@ -47,6 +52,7 @@ export class QueueSection {
   dispose(): void {
     this.disposed = true;
     window.clearInterval(this.sampler);
+    window.clearInterval(this.refresher);
     window.clearTimeout(this.renderTimer);
     window.clearTimeout(this.statusTimer);
     this.socket?.close();
@@ -94,12 +100,26 @@ export class QueueSection {
         this.counts[run.state] = (this.counts[run.state] ?? 0) + 1;
       }
       this.runs.set(run.runId, run);
+      this.follow(run);
     } else if (message.type === 'worker') {
       this.refreshStatus();
     } else if (message.type === 'error') {
       this.error = String(message.error);
     }
     this.schedule();
+  }
+
+  /** A worker's running runs follow the run events at once: the host sends a worker event
+   * only when a worker connects or leaves, so the status read at that time goes stale as soon
+   * as a run starts or ends. */
+  private follow(run: Run): void {
+    for (const worker of this.workers) {
+      const others = (worker.running ?? []).filter(id => id !== run.runId);
+      if (run.state === 'Running' && run.worker?.id === worker.id) {
+        others.push(run.runId);
+      }
+      worker.running = others;
+    }
   }
 
   /** Worker details come from the status route, at most twice a second. */
@@ -111,7 +131,11 @@ export class QueueSection {
       this.statusTimer = 0;
       try {
         const status = await this.api.status(this.queue);
-        this.workers = status.workers;
+        // The status may have been read before a finish this section has already seen.
+        this.workers = status.workers.map(worker => ({
+          ...worker,
+          running: (worker.running ?? []).filter(id => this.runs.get(id)?.state !== 'Finished')
+        }));
         this.counts = { ...status.counts };
         this.loadWorkerCommand();
       } catch (error) {
@@ -216,6 +240,7 @@ export class QueueSection {
     for (const worker of connected) {
       const item = el('li', 'jcq-worker');
       item.dataset.workerId = worker.id;
+      item.dataset.running = (worker.running ?? []).join(' ');
       const cap = worker.capacity ?? {};
       const resources = [
         `${worker.running?.length ?? 0} running`,
