@@ -3,7 +3,8 @@
 The host runs on the test's event loop, so every blocking client call goes through
 ``asyncio.to_thread`` (which is also how a kernel's comm handlers would call it). Discovery is
 tested with fake runtime files in a temporary ``JUPYTER_RUNTIME_DIR`` that point at the real
-test server, so a wrong choice fails a real request.
+test server, so a wrong choice fails a real request; and end to end, with two real Jupyter
+servers as subprocesses and a kernel started by each, over the servers' own runtime files.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import hashlib
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
 
 from jupyter_compute_queue.client import (
     INLINE_LIMIT,
@@ -622,6 +627,263 @@ def test_no_host_found_lists_what_was_tried(
         "COMPUTE_QUEUE_TOKEN",
     ):
         assert expected in message, (expected, message)
+
+
+# --- discovery among two real servers --------------------------------------------------------
+
+SERVER_START_TIMEOUT = 90.0  # two servers start at once; a loaded 2-core machine is slow
+KERNEL_TIMEOUT = 60.0
+# Only the extension: JupyterLab's and the LSP's would slow the start (and run npm).
+ONLY_THE_EXTENSION = {
+    "ServerApp": {
+        "jpserver_extensions": {
+            "jupyter_compute_queue": True,
+            "jupyterlab": False,
+            "jupyter_lsp": False,
+            "jupyter_server_terminals": False,
+            "notebook_shim": False,
+        }
+    }
+}
+# A urllib opener that ignores proxy settings: the servers are on 127.0.0.1.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class JupyterServer:
+    """A real ``python -m jupyter_server`` with the extension (no local worker), its own token,
+    data and log, writing its runtime file to the shared runtime folder like any server of the
+    same user does."""
+
+    name: str
+    root: Path
+    home: Path
+    base_url: str
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    kernels: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.base_url}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "server.log"
+
+    def start(self, env: dict[str, str]) -> None:
+        self.home.mkdir(parents=True)
+        command = [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.base_url={self.base_url}",
+            f"--ServerApp.root_dir={self.root}",
+            f"--IdentityProvider.token={self.token}",
+            "--ServerApp.allow_root=True",
+            f"--ComputeQueueApp.data_dir={self.home / 'cq-data'}",
+            "--ComputeQueueApp.local_worker=False",
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, env=env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, runtime: Path, deadline: float) -> None:
+        """Until its runtime file names its URL and ``api/status`` answers (polled)."""
+        assert self.process is not None
+        info_file = runtime / f"jpserver-{self.pid}.json"
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server {self.name} exited ({self.process.returncode}):\n{self.log()}"
+                )
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(info_file.read_text()).get("url") == self.url:
+                    self.api("GET", "api/status")
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.name} not ready in time:\n{self.log()}")
+            time.sleep(0.1)
+
+    def api(self, method: str, path: str, payload: Any = None) -> Any:
+        """A REST call with the token; the JSON answer (None for an empty one)."""
+        request = urllib.request.Request(
+            self.url + path,
+            data=None if payload is None else json.dumps(payload).encode(),
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with DIRECT.open(request, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def start_kernel(self, path: str = "") -> str:
+        """A python3 kernel started through the REST API (its cwd: ``path`` under the root)."""
+        kernel_id = str(self.api("POST", "api/kernels", {"name": "python3", "path": path})["id"])
+        self.kernels.append(kernel_id)
+        return kernel_id
+
+    def log(self, tail: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-tail:])
+
+    def children(self) -> list[int]:
+        """The pids of its child processes (its kernels), from /proc (none without one)."""
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in task.read_text().split()]
+        return pids
+
+    def stop(self) -> None:
+        """Its kernels through the API, then the server (terminate, wait, kill), then any
+        kernel of it still running (a server that had to be killed leaves them)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        children = self.children()
+        for kernel_id in self.kernels:
+            with contextlib.suppress(Exception):
+                self.api("DELETE", f"api/kernels/{kernel_id}")
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                # Only if that pid is still one of these kernels, not a reused pid.
+                if any(f"kernel-{kernel_id}.json" in command for kernel_id in self.kernels):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def two_servers(tmp_path: Path) -> Iterator[tuple[JupyterServer, JupyterServer, Path]]:
+    """Servers A (base URL /a/, root R) and B (base URL /, root R/b), both running, writing
+    their runtime files to one runtime folder; and that folder. B's root is inside A's, so a
+    kernel of A working in R/b is in the deeper root of B: only its parent pid says A."""
+    runtime, root = tmp_path / "runtime", tmp_path / "notebooks"
+    (root / "b").mkdir(parents=True)
+    config = tmp_path / "jupyter-config"
+    config.mkdir()
+    (config / "jupyter_server_config.json").write_text(json.dumps(ONLY_THE_EXTENSION))
+    # Nothing that would find a host before the runtime files do.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("COMPUTE_QUEUE_", "JUPYTERHUB_", "JPY_"))
+    }
+    env.update(
+        JUPYTER_RUNTIME_DIR=str(runtime),
+        JUPYTER_CONFIG_DIR=str(config),
+        JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+    )
+    a = JupyterServer("A", root, tmp_path / "server-a", "/a/")
+    b = JupyterServer("B", root / "b", tmp_path / "server-b", "/")
+    servers = (a, b)
+    try:
+        for server in servers:
+            server.start(env)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        for server in servers:
+            server.wait_ready(runtime, deadline)
+        yield a, b, runtime
+    finally:
+        for server in servers:
+            server.stop()
+
+
+FIND_THE_HOST = """
+import json, os
+from jupyter_compute_queue import Client
+client = Client(queue="q")  # no URL: discovery
+print(json.dumps({
+    "pid": os.getpid(),
+    "parent": os.getppid(),
+    "cwd": os.getcwd(),
+    "env": sorted(n for n in os.environ if n.startswith(("COMPUTE_QUEUE_", "JUPYTERHUB_"))),
+    "url": client.url,
+    "token_of": [name for name, token in TOKENS.items() if token == client.token],
+    "source": client.host.source,
+    "queue": client.status()["queue"],
+}))
+"""
+
+
+def find_from_kernel(runtime: Path, kernel_id: str, tokens: dict[str, str]) -> dict[str, Any]:
+    """Run FIND_THE_HOST in a running kernel, over its connection file; what it printed."""
+    connection = runtime / f"kernel-{kernel_id}.json"
+    assert connection.exists(), sorted(p.name for p in runtime.iterdir())
+    kernel = BlockingKernelClient(connection_file=str(connection))
+    kernel.load_connection_file()
+    # No heartbeat: on a loaded machine a late beat reads as a dead kernel; waiting for
+    # kernel_info (within KERNEL_TIMEOUT) is the readiness check.
+    kernel.start_channels(hb=False)
+    try:
+        kernel.wait_for_ready(timeout=KERNEL_TIMEOUT)
+        out: list[str] = []
+        errors: list[str] = []
+
+        def collect(message: dict[str, Any]) -> None:
+            content = message["content"]
+            if message["msg_type"] == "stream":
+                (out if content["name"] == "stdout" else errors).append(content["text"])
+            elif message["msg_type"] == "error":
+                errors.append("\n".join(content["traceback"]))
+
+        code = f"TOKENS = {tokens!r}\n{FIND_THE_HOST}"
+        reply = kernel.execute_interactive(code, timeout=KERNEL_TIMEOUT, output_hook=collect)
+        assert reply["content"]["status"] == "ok", "".join(errors)
+    finally:
+        kernel.stop_channels()
+    assert out, "".join(errors)
+    found: dict[str, Any] = json.loads("".join(out))
+    return found
+
+
+def test_discovery_in_kernels_of_two_running_servers_finds_their_own(
+    two_servers: tuple[JupyterServer, JupyterServer, Path],
+) -> None:
+    """End to end, as a user with two servers has it: two real servers with their own tokens
+    and base URLs, one runtime folder; the kernel each server started finds that server (URL
+    and token) and a request to it answers. Both kernels work in R/b, B's root: for A's kernel
+    only the parent-pid rule gives A, the root rule would give B."""
+    a, b, runtime = two_servers
+    assert sorted(p.name for p in runtime.glob("jpserver-*.json")) == sorted(
+        [f"jpserver-{a.pid}.json", f"jpserver-{b.pid}.json"]
+    )
+    tokens = {a.name: a.token, b.name: b.token}
+    kernels = [(a, a.start_kernel("b")), (b, b.start_kernel())]  # both running at once
+    for server, kernel_id in kernels:
+        found = find_from_kernel(runtime, kernel_id, tokens)
+        # The premises: that server started it, in R/b, with no variable to find a host by.
+        assert found["parent"] == server.pid, (server.name, found)
+        assert Path(found["cwd"]) == b.root.resolve() and found["env"] == [], found
+        # It found that server, not the other: its URL and its token, by the parent rule.
+        assert (found["url"], found["token_of"]) == (server.url, [server.name]), found
+        assert str(runtime / f"jpserver-{server.pid}.json") in found["source"], found
+        assert "parent" in found["source"], found
+        assert found["queue"] == "q"  # the status request answered
 
 
 # --- redirects -------------------------------------------------------------------------------
