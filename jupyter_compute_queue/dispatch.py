@@ -123,14 +123,24 @@ class WorkerSide:
             await self.store.drop_worker(worker_id)
         self.bus.publish(WorkerChanged(session.info.queues, worker_id, None))
 
-    async def give_back(self, worker_id: str, run_ids: Sequence[str] | None) -> list[RunRecord]:
-        """A worker hands runs back (all for None) without counting a loss: they are queued
-        again at their old place and offered to the other workers."""
-        back = await self.store.give_back(worker_id, run_ids)
+    async def give_back(
+        self, worker_id: str, run_ids: Sequence[str] | None, counted: bool = False
+    ) -> list[RunRecord]:
+        """A worker hands runs back (all for None): they are queued again at their old place
+        and offered to the other workers. Uncounted (a graceful give-back, e.g. on SIGTERM),
+        or ``counted``: the worker lost them (its Docker engine went away under them), which
+        counts like an expired lease, so a job that takes the engine down every time ends
+        WorkerLost at ``max_lost`` instead of going round forever."""
+        if counted:
+            back = await self.store.give_back(
+                worker_id, run_ids, now=self.clock(), max_lost=self.config.max_lost
+            )
+        else:
+            back = await self.store.give_back(worker_id, run_ids)
         for record in back:
             self._fences.pop(record.run_id, None)
             self._publish(record)
-        await self.dispatch_all({r.queue for r in back})
+        await self.dispatch_all({r.queue for r in back if r.state is RunState.QUEUED})
         return back
 
     async def heartbeat(self, worker_id: str) -> list[Held]:

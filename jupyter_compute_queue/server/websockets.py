@@ -333,7 +333,10 @@ class WorkerSocket(SocketBase):
     async def _on_give_back(self, msg: dict[str, Any]) -> None:
         assert self.worker_id is not None
         run_ids = field(msg, "runIds", list, None)
-        await self.service.give_back(self.worker_id, run_ids)
+        if not all(isinstance(r, str) for r in run_ids or []):
+            raise ProtocolError("give-back: 'runIds' is a list of run ids")
+        counted = field(msg, "counted", bool, False)  # lost under the worker, not handed back
+        await self.service.give_back(self.worker_id, run_ids, counted=counted)
 
     async def _on_goodbye(self, msg: dict[str, Any]) -> None:
         self._graceful = True

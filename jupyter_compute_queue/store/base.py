@@ -291,8 +291,17 @@ class Store(ABC):
         """Accept a worker's result. Conflict on a stale fence; a duplicate changes nothing."""
 
     @abstractmethod
-    async def give_back(self, worker_id: str, run_ids: Collection[str] | None) -> list[RunRecord]:
-        """Requeue runs a worker hands back gracefully (all of them for None), uncounted."""
+    async def give_back(
+        self,
+        worker_id: str,
+        run_ids: Collection[str] | None,
+        *,
+        now: float | None = None,
+        max_lost: int | None = None,
+    ) -> list[RunRecord]:
+        """Requeue runs a worker hands back (all of them for None): uncounted (a graceful
+        give-back), unless ``max_lost`` is given: then each counts as a loss at ``now``, as
+        when a lease expires (requeued, or finished WorkerLost at the ``max_lost``-th)."""
 
     @abstractmethod
     async def drop_worker(self, worker_id: str) -> None:

@@ -59,6 +59,8 @@ from .writes import (
 
 #: Reasons that mean the job itself failed: a rerun ending so removes the old cached result.
 _JOB_FAILURES = {Reason.FAILED.value, Reason.ERROR.value, Reason.TIMED_OUT.value}
+#: Why a run given back ``counted`` was lost (the start of its WorkerLost message).
+LOST_UNDER_WORKER = "its worker lost it as it ran (e.g. its Docker engine went away)"
 
 
 class SqliteStore(CallbackQueries, Store):
@@ -341,16 +343,29 @@ class SqliteStore(CallbackQueries, Store):
 
         return await self._engine.write(tx)
 
-    async def give_back(self, worker_id: str, run_ids: Collection[str] | None) -> list[RunRecord]:
+    async def give_back(
+        self,
+        worker_id: str,
+        run_ids: Collection[str] | None,
+        *,
+        now: float | None = None,
+        max_lost: int | None = None,
+    ) -> list[RunRecord]:
         wanted = None if run_ids is None else set(run_ids)
+        if max_lost is not None and now is None:
+            raise ValueError("a counted give-back needs the time (now)")
 
         def tx(c: sqlite3.Connection) -> list[RunRecord]:
             back = []
             for seq, run_id in c.execute(
                 "SELECT seq, run_id FROM runs WHERE state = 1 AND worker_id = ?", (worker_id,)
             ).fetchall():
-                if wanted is None or run_id in wanted:
+                if wanted is not None and run_id not in wanted:
+                    continue
+                if max_lost is None or now is None:
                     back.append(requeue_run(c, seq, counted=False))
+                else:  # the same count, and the same end at max_lost, as an expired lease
+                    back.append(lose_run(c, seq, max_lost, now, LOST_UNDER_WORKER))
             return back
 
         return await self._engine.write(tx)

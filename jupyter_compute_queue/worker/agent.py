@@ -420,20 +420,20 @@ class Agent:
         self._report_free_soon()
 
     async def _give_back_lost(self, active: _Active, why: str) -> None:
-        """The runtime lost its engine under a run: the job did nothing wrong, so the run goes
-        back to the queue (uncounted) for this or another worker, and this one takes nothing
-        until its runtime is back."""
+        """The runtime lost its engine under a run: the run goes back to the queue, counted as
+        lost (a job that kills the engine every time ends WorkerLost at the host's max_lost),
+        and this worker takes nothing until its runtime is back."""
         run_id = active.run.run_id
         log.warning("compute-queue worker: %s; giving run %s back", why, run_id)
         active.logs.append(
-            {"s": "sys", "d": f"{why}: the run goes back to the queue\n", "t": _now_ms()}
+            {"s": "sys", "d": f"{why}: the run is given back, counted as lost\n", "t": _now_ms()}
         )
         await self._flush(run_id)
         self._forget(run_id)
         if self._recovering is None:
             self._recovering = asyncio.ensure_future(self._recover())
         await self._report_free()  # nothing free first, or the run would come straight back
-        await self.send({"type": "give-back", "runIds": [run_id]})
+        await self.send({"type": "give-back", "runIds": [run_id], "counted": True})
 
     async def _recover(self) -> None:
         """Wait for the runtime, clean up what the lost runs left, then take runs again.

@@ -22,6 +22,7 @@ import requests.exceptions
 
 from ..jobs import JobDefinition, command_argv
 from ..runs import OutputRef, Phase, Reason
+from . import engine_copy
 from .disk import DiskMeter, over_caps
 from .egress import Allowed, Egress, EgressUnavailable, needed_by_jobs
 from .images import ImageError, build_image, ensure_image
@@ -113,6 +114,7 @@ class DockerRunner:
                 run.blobs,
                 self.transfers,
                 self.host_api,
+                any_uid=self.config.container_user == "image",
             )
             if run.run_id in self._stopping:
                 return RunResult(Reason.CANCELLED, message=self._stopping[run.run_id])
@@ -121,7 +123,7 @@ class DockerRunner:
             result = await self._execute(run, container, folder, phase, log)
             if result.reason in (Reason.SUCCESS, Reason.FAILED):
                 phase(Phase.UPLOADING, None)
-                result.outputs = await self._upload(folder)
+                result.outputs = await self._upload(folder, container)
             result.image_digest = digest
             return result
         except asyncio.TimeoutError:
@@ -244,13 +246,12 @@ class DockerRunner:
         d = run.definition
         cfg = self.config
         z = ",Z" if _selinux() else ""
+        any_uid = cfg.container_user == "image"  # then the job's uid may be anyone's
+        cache = job_cache(cfg.data_dir / "job-cache", run.queue, cfg.job_cache_bytes, any_uid)
         volumes = {
             str(folder.inputs): {"bind": "/inputs", "mode": "rw" + z},
             str(folder.outputs): {"bind": "/outputs", "mode": "rw" + z},
-            str(job_cache(cfg.data_dir / "job-cache", run.queue, cfg.job_cache_bytes)): {
-                "bind": "/job-cache",
-                "mode": "rw" + z,
-            },
+            str(cache): {"bind": "/job-cache", "mode": "rw" + z},
         }
         for target, source in folder.single_files.items():
             volumes[str(source)] = {"bind": target, "mode": "ro" + z}
@@ -481,12 +482,24 @@ class DockerRunner:
             max_disk = cfg.max_output_bytes + DISK_HEADROOM
         return over_caps(use, cfg.max_output_bytes, max_disk)
 
-    async def _upload(self, folder: RunFolder) -> dict[str, OutputRef]:
+    async def _upload(self, folder: RunFolder, container: Any) -> dict[str, OutputRef]:
+        source = folder.outputs
+        if self.config.container_user == "image" and await asyncio.to_thread(
+            engine_copy.unreadable, source
+        ):  # the job's uid left files this worker (not root) cannot read: the engine can
+            source = await self._copy_out(container, folder.root / "outputs-copy")
         outputs = {}
-        for path, file in await asyncio.to_thread(lambda: list(output_files(folder.outputs))):
+        for path, file in await asyncio.to_thread(lambda: list(output_files(source))):
             key, size = await self.transfers.upload(file)
             outputs[path] = OutputRef(key=key, size=size)
         return outputs
+
+    async def _copy_out(self, container: Any, dest: Path) -> Path:
+        cap = self.config.max_output_bytes
+        try:
+            return await asyncio.to_thread(engine_copy.copy_out, container, dest, cap)
+        except engine_copy.CopyError as exc:
+            raise TransferError(f"copying /outputs out of the container: {exc}") from exc
 
 
 def _stop(container: Any, grace: float) -> None:

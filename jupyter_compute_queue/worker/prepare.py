@@ -3,6 +3,7 @@ per-queue job cache, and the outputs collected afterwards."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +12,21 @@ from pathlib import Path
 
 from ..jobs import DataRefType, JobDefinition
 from .transfer import Transfers
+
+log = logging.getLogger(__name__)
+
+#: With ``--container-user image`` a job runs as whatever uid its image names, not the
+#: worker's: the folders it writes (its ``/inputs`` and ``/outputs``, the queue's
+#: ``/job-cache``) are opened to every uid, and so are the input files (per-run copies it may
+#: overwrite). That is safe because only containers reach them: the folders that hold them
+#: (``runs/`` and ``job-cache/`` of the data dir) are the worker's own and closed (0700), so
+#: no other user of this machine can get through to them, while a container gets them as its
+#: mounts (the engine mounts them; the folders above are not in the container's path).
+#: (The data dir itself is made with the default mode, usually 0755: it is not what keeps
+#: others out.)
+ANY_UID_DIR = 0o777
+ANY_UID_FILE = 0o666
+CLOSED_DIR = 0o700
 
 
 @dataclass
@@ -52,8 +68,10 @@ async def prepare(
     blobs: dict[str, str],
     transfers: Transfers,
     host_api: str,
+    any_uid: bool = False,
 ) -> RunFolder:
-    """Make the run's folder and put every input in place (fetching key and url inputs).
+    """Make the run's folder and put every input in place (fetching key and url inputs);
+    ``any_uid``: open ``inputs/`` and ``outputs/`` to the container's uid, whatever it is.
 
     Key and url inputs are the run's own copies of the worker's cached files, never hard links
     to them: ``/inputs`` is writable, and a root job ignores the cache's read-only mode.
@@ -81,13 +99,33 @@ async def prepare(
             await transfers.fetch(url, dest, sha256=key, copy=True)
         else:
             await transfers.fetch(str(ref.value), dest, copy=True)
+    if any_uid:
+        _open_to_any_uid(folder)
     return folder
 
 
-def job_cache(cache_root: Path, queue: str, cap_bytes: int) -> Path:
-    """The queue's shared ``/job-cache`` folder, pruned oldest-first to stay under the cap."""
+def _open_to_any_uid(folder: RunFolder) -> None:
+    """Let a container of any uid write the run's ``/inputs`` (its files included) and
+    ``/outputs`` (see ``ANY_UID_DIR``: ``runs/`` above them is closed)."""
+    folder.root.parent.chmod(CLOSED_DIR)
+    # Only what ``prepare`` just wrote (the container has not started): no links to follow.
+    for root, dirs, files in os.walk(folder.inputs):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), ANY_UID_DIR)
+        for name in files:
+            os.chmod(os.path.join(root, name), ANY_UID_FILE)
+    folder.inputs.chmod(ANY_UID_DIR)
+    folder.outputs.chmod(ANY_UID_DIR)
+
+
+def job_cache(cache_root: Path, queue: str, cap_bytes: int, any_uid: bool = False) -> Path:
+    """The queue's shared ``/job-cache`` folder, pruned oldest-first to stay under the cap;
+    ``any_uid``: writable by a container of any uid (``cache_root`` above it closed)."""
     folder = cache_root / queue
     folder.mkdir(parents=True, exist_ok=True)
+    if any_uid:
+        cache_root.chmod(CLOSED_DIR)
+        folder.chmod(ANY_UID_DIR)
     entries = []
     total = 0
     for entry in folder.iterdir():
@@ -97,10 +135,13 @@ def job_cache(cache_root: Path, queue: str, cap_bytes: int) -> Path:
     for _, size, entry in sorted(entries):
         if total <= cap_bytes:
             break
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, onerror=_force_remove)
-        else:
-            entry.unlink(missing_ok=True)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, onerror=_force_remove)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError as exc:  # a worker that is not root, and a folder of a job's uid
+            log.warning("compute-queue worker: cannot prune %s from the job cache: %s", entry, exc)
         total -= size
     return folder
 

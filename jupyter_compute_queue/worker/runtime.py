@@ -45,8 +45,9 @@ class RunResult:
 
 class RuntimeLost(Exception):
     """What carries runs out went away in the middle of one (the Docker engine stopped or
-    restarted): not the job's doing, so no result. The agent gives the run back to the host and
-    takes no more runs until :meth:`Runtime.recovered` returns."""
+    restarted): no result. The agent gives the run back to the host counted as lost (as when a
+    worker dies: the job may be what brought the engine down) and takes no more runs until
+    :meth:`Runtime.recovered` returns."""
 
 
 Phases = Callable[[Phase, str | None], None]  # (phase, image digest)
