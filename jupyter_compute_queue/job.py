@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .errors import ComputeQueueError, JobTimeout
 from .http import CHUNK
-from .jobs import check_path
+from .job_fields import check_path
 from .logs import LogRecord
 from .logstream import (
     LogStream,

@@ -3,6 +3,10 @@
 Front ends (REST, websockets) call it with an :class:`Identity`; it checks the access policy,
 validates, lets the store apply the change atomically, then publishes events and pushes work to
 connected workers. It knows nothing of HTTP.
+
+Here are its lifecycle, the access checks, reading, cancelling and forgetting, the announcement
+of changed runs and retention. It inherits its submission side (:mod:`.submissions`) and its
+worker side (:mod:`.dispatch`).
 """
 
 from __future__ import annotations
@@ -18,22 +22,16 @@ from typing import Any
 from . import metrics
 from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
 from .blobs import BlobNotFound, BlobStore
-from .callbacks import CallbackSender, check_callbacks
+from .callbacks import CallbackSender
 from .dispatch import Lease, WorkerSession, WorkerSide
 from .events import EventBus, RunChanged
-from .jobs import InvalidJob, JobDefinition, canonical_json, job_id, parse_definition
 from .logs import LogStore
 from .metrics import QueueStats
-from .runs import DEFAULT_NAMESPACE, RunRecord, RunState
-from .secrets import SecretBox, check_values
+from .runs import RunRecord, RunState
+from .secrets import SecretBox
 from .service_base import DAY, BadRequest, Forbidden, ServiceConfig, ServiceError, TooLarge
-from .store.base import (
-    Change,
-    NotFound,
-    Page,
-    Store,
-    SubmitRequest,
-)
+from .store.base import Change, NotFound, Page, Store
+from .submissions import Submissions
 
 # The service's public names, wherever they live.
 __all__ = [
@@ -49,7 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class QueueService(WorkerSide):
+class QueueService(WorkerSide, Submissions):
     """The host's rules; one per server process."""
 
     def __init__(
@@ -136,122 +134,6 @@ class QueueService(WorkerSide):
     def visible(self, identity: Identity, queue: str) -> bool:
         """Whether the caller may see a queue's runs."""
         return self.policy.allowed(identity, Action.READ, queue)
-
-    # --- submissions ------------------------------------------------------------------------
-
-    async def submit(self, identity: Identity, queue: str, payload: Any) -> Any:
-        """Submit one definition or envelope, or a list of them (answered by a list)."""
-        self.check(identity, Action.SUBMIT, queue)
-        items = payload if isinstance(payload, list) else [payload]
-        if not items:
-            raise BadRequest("an empty batch submits nothing")
-        checked = [
-            await self._request(queue, item, i if isinstance(payload, list) else None)
-            for i, item in enumerate(items)
-        ]
-        requests = [request for request, _ in checked]
-        results = await self.store.submit(requests, self.clock())
-        # At once, before any await: a worker's claim of a new run is answered after this.
-        for (_, values), result in zip(checked, results, strict=True):
-            if result.outcome != "cached":
-                self.secrets.keep(result.record.run_id, values)
-        for result in results:
-            self.stats.submitted(queue, result.outcome)
-            if result.outcome != "cached":
-                self._publish(result.record)
-            await self._apply(result.released)
-        if any(r.callbacks for r in requests):
-            self.callbacks.submitted()
-        await self.dispatch(queue)
-        answers = [self._answer(r.record) for r in results]
-        return answers if isinstance(payload, list) else answers[0]
-
-    async def _request(
-        self, queue: str, item: Any, index: int | None
-    ) -> tuple[SubmitRequest, dict[str, str]]:
-        where = "" if index is None else f"[{index}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"submission{where}: expected a job definition or an envelope")
-        envelope = item if "definition" in item else {"definition": item}
-        unknown = set(envelope) - {"definition", "namespace", "rerun", "callbacks", "secrets"}
-        if unknown:
-            raise BadRequest(f"{where}{sorted(unknown)[0]}: unknown field of the envelope")
-        callbacks = await check_callbacks(envelope.get("callbacks"), self.policy.public, where)
-        namespace = envelope.get("namespace") or DEFAULT_NAMESPACE
-        rerun = envelope.get("rerun", False)
-        if not isinstance(rerun, bool):
-            raise BadRequest(f"{where}rerun: must be true or false")
-        try:
-            check_namespace(str(namespace))
-        except ValueError as exc:
-            raise BadRequest(f"{where}namespace: {exc}") from None
-        raw = envelope["definition"]
-        if len(canonical_json(raw)) > self.config.max_definition_bytes:
-            raise TooLarge(
-                f"{where}definition: larger than {self.config.max_definition_bytes} bytes; "
-                "upload big inputs as blobs and refer to them by key"
-            )
-        try:
-            definition = parse_definition(raw)
-        except InvalidJob as exc:
-            raise BadRequest(f"{where}{exc}") from None
-        await self._check_blobs(definition, where)
-        try:
-            secrets = check_values(envelope.get("secrets"), definition.secrets)
-        except ValueError as exc:
-            raise BadRequest(f"{where}{exc}") from None
-        request = SubmitRequest(
-            queue=queue,
-            definition=definition,
-            job_id=job_id(definition),
-            namespace=str(namespace),
-            rerun=rerun,
-            cache_any_queue=self.config.cache_scope == "host" and not self.policy.public,
-            cache_since=self.clock() - self.config.retention_days * DAY,
-            callbacks=callbacks,
-        )
-        return request, secrets
-
-    async def _check_blobs(self, definition: JobDefinition, where: str) -> None:
-        for field_name, path, ref in definition.data_refs():
-            key = ref.sha256() if ref.type.value == "key" else None
-            if key is not None and not await self.has_blob(key):
-                raise BadRequest(
-                    f"{where}{field_name}.{path}: blob {key} is not on this host; upload it first"
-                )
-
-    async def has_blob(self, key: str) -> bool:
-        """Whether the blob is stored with the bytes its key names (a store that could not
-        check an upload hashes it now). Asking counts as a touch: a client that is told "yes"
-        skips its upload, so the sweeper must not take the blob before the submission that
-        refers to it."""
-        info = await self.blobs.check(key)
-        if info is None:
-            return False
-        if self.clock() - info.touched_at > min(3600.0, self.config.blob_grace_seconds / 24):
-            with contextlib.suppress(BlobNotFound):
-                await self.blobs.touch(key)
-        return True
-
-    def _answer(self, record: RunRecord) -> dict[str, Any]:
-        return {
-            "jobId": record.job_id,
-            "runId": record.run_id,
-            "queue": record.queue,
-            "state": record.state.value,
-            "cached": record.cached,
-            "url": f"q/{record.queue}/j/{record.job_id}",
-        }
-
-    async def copy(self, identity: Identity, job: str, target: str, namespace: str | None) -> Any:
-        """Submit a stored job's definition to another queue."""
-        await self.get_job(identity, job)  # the caller must see the job in some queue
-        definition = await self.store.get_definition(job)
-        assert definition is not None
-        envelope: dict[str, Any] = {"definition": definition}
-        if namespace:
-            envelope["namespace"] = namespace
-        return await self.submit(identity, target, envelope)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -408,7 +290,20 @@ class QueueService(WorkerSide):
         self.check(identity, Action.READ, queue)
         return metrics.queue_metrics(self, queue)
 
-    # --- sweepers ---------------------------------------------------------------------------
+    # --- retention: blob touches and the sweepers -------------------------------------------
+
+    async def has_blob(self, key: str) -> bool:
+        """Whether the blob is stored with the bytes its key names (a store that could not
+        check an upload hashes it now). Asking counts as a touch: a client that is told "yes"
+        skips its upload, so the sweeper must not take the blob before the submission that
+        refers to it."""
+        info = await self.blobs.check(key)
+        if info is None:
+            return False
+        if self.clock() - info.touched_at > min(3600.0, self.config.blob_grace_seconds / 24):
+            with contextlib.suppress(BlobNotFound):
+                await self.blobs.touch(key)
+        return True
 
     async def sweep(self) -> tuple[int, int]:
         """Retention: delete expired runs with their logs, then unreferenced old blobs.

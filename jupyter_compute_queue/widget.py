@@ -38,7 +38,8 @@ magic's cell blocks.
 Two daemon threads follow a job: one waits on its state (the queue websocket, through
 ``Job.wait`` and ``Job.on_change``), one moves its log into a bounded in-memory buffer (for
 replays when a view is re-rendered) and on to the front end in batches. Reads of outputs run
-in threads of their own, so a large one does not hold up a Cancel.
+in threads of their own, so a large one does not hold up a Cancel. The log and the reads are in
+:mod:`~jupyter_compute_queue.widget_data`; here are the traits, the requests and the actions.
 
 ``JobWidget(job)`` shows a job; :func:`editor` (or ``JobWidget.editor``) opens the editor.
 """
@@ -47,20 +48,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
-import time
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import anywidget
 import traitlets
 
 from .errors import ComputeQueueError
 from .logs import LogRecord
+from .widget_data import DataSource
 
 if TYPE_CHECKING:
     from .client import Client
@@ -71,14 +70,6 @@ __all__ = ["JobWidget", "editor"]
 log = logging.getLogger("jupyter_compute_queue.widget")
 
 BUNDLE = Path(__file__).parent / "static" / "widget.js"
-#: Log bytes a widget keeps in memory for replays; older parts are read from the host again.
-BUFFER_BYTES = 8 * 1024 * 1024
-#: Largest log message: a replay of a long log goes in several.
-MESSAGE_BYTES = 256 * 1024
-#: How long the log thread gathers records into one message (seconds).
-BATCH_SECONDS = 0.05
-#: Largest output sent through the kernel (previews and downloads from another host).
-READ_MAX = 64 * 1024 * 1024
 #: Request ids remembered, so that a copy of a request is handled once.
 HANDLED_IDS = 1024
 
@@ -93,15 +84,7 @@ def _bundle() -> Path:
     return BUNDLE
 
 
-def _size(record: LogRecord) -> int:
-    return len(record.d.encode("utf-8"))
-
-
-def _wire(record: LogRecord) -> dict[str, Any]:
-    return {"o": record.o, "t": record.t, "s": record.s, "d": record.d}
-
-
-class JobWidget(anywidget.AnyWidget):
+class JobWidget(anywidget.AnyWidget, DataSource):
     """A job's view (``JobWidget(job)``) or an editor that submits one (``JobWidget(client=…,
     definition=…)``)."""
 
@@ -251,85 +234,6 @@ class JobWidget(anywidget.AnyWidget):
             if job is self.job:
                 self.finished.set()
 
-    def _follow_log(self, job: Job, stop: threading.Event) -> None:
-        from .cell_follow import read_log_into
-
-        into: queue.Queue[Any] = queue.Queue()
-        threading.Thread(
-            target=read_log_into,
-            args=(job, into, stop),
-            name="compute-queue-widget-read",
-            daemon=True,
-        ).start()
-        batch: list[LogRecord] = []
-        deadline = 0.0
-        while not stop.is_set():
-            try:
-                item = into.get(timeout=BATCH_SECONDS)
-            except queue.Empty:
-                item = False
-            if isinstance(item, LogRecord):
-                if not batch:
-                    deadline = time.monotonic() + BATCH_SECONDS
-                batch.append(item)
-                if time.monotonic() < deadline and sum(map(_size, batch)) < MESSAGE_BYTES:
-                    continue
-            if batch:
-                self._keep(job, batch)
-                batch = []
-            if item is None or isinstance(item, BaseException):
-                if isinstance(item, BaseException):
-                    log.warning("the widget stopped following the log: %s", item)
-                return
-
-    def _keep(self, job: Job, records: list[LogRecord]) -> None:
-        """Buffer records for replays (dropping the oldest past the cap) and send them."""
-        with self._lock:
-            if job is not self.job:
-                return
-            self._records.extend(records)
-            self._buffered += sum(map(_size, records))
-            while self._buffered > BUFFER_BYTES and len(self._records) > 1:
-                self._buffered -= _size(self._records.pop(0))
-            self._send_logs(job, records)
-
-    def _send_logs(self, job: Job, records: list[LogRecord]) -> None:
-        self.send(
-            {
-                "type": "logs",
-                "run": job.run_id,
-                "offset": records[0].o,
-                "records": [_wire(r) for r in records],
-            }
-        )
-
-    def _replay(self, since: int) -> None:
-        with self._lock:
-            job, records = self.job, list(self._records)
-            if job is None:
-                return
-            if records and records[0].o <= since:
-                # Sent under the lock: no live batch can come between the buffer and it.
-                self._send_chunks(job, [r for r in records if r.end > since])
-                return
-        try:  # older than the buffer: ask the host (a live batch may overtake it; the front
-            # end waits for the gap to be filled)
-            records = job.log_records(since=since)
-        except ComputeQueueError as exc:
-            self.error = f"could not read the log: {exc}"
-            return
-        self._send_chunks(job, [r for r in records if r.end > since])
-
-    def _send_chunks(self, job: Job, records: list[LogRecord]) -> None:
-        """Send records in messages of at most about MESSAGE_BYTES."""
-        while records:
-            chunk: list[LogRecord] = []
-            size = 0
-            while records and (not chunk or size + _size(records[0]) <= MESSAGE_BYTES):
-                size += _size(records[0])
-                chunk.append(records.pop(0))
-            self._send_logs(job, chunk)
-
     # --- the front end's requests ---------------------------------------------------------------
 
     def _received(self, _widget: Any, content: Any, buffers: list[bytes] | None = None) -> None:
@@ -401,23 +305,6 @@ class JobWidget(anywidget.AnyWidget):
         self.definition = {}  # the host's (with the uploaded inputs) replaces it: _follow_state
         self.follow(job)
 
-    def _read(self, content: dict[str, Any]) -> None:
-        request = content.get("id")
-        job = self.job
-        try:
-            limit = min(int(content.get("max") or READ_MAX), READ_MAX)
-            if job is None:
-                raise ComputeQueueError("there is no job yet")
-            if content["type"] == "zip":
-                path, data = "outputs.zip", _zip_bytes(job, limit)
-            else:
-                path = str(content.get("path"))
-                data = _read_head(job, path, limit)
-        except (ComputeQueueError, ValueError, KeyError, OSError) as exc:
-            self.send({"type": "file", "id": request, "error": str(exc)})
-            return
-        self.send({"type": "file", "id": request, "path": path, "size": len(data)}, [data])
-
     # --- the magic's side -----------------------------------------------------------------------
 
     def __repr__(self) -> str:
@@ -480,27 +367,3 @@ def editor(
 def _stamp(moment: datetime | None) -> str | None:
     """A time as the wire has it: ISO 8601 UTC with a ``Z``."""
     return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
-
-
-def _read_head(job: Job, path: str, limit: int) -> bytes:
-    """The first ``limit`` bytes of an output of the job's finished run."""
-    outputs = job.outputs
-    if not job.finished:
-        raise ComputeQueueError(f"job {job.job_id[:12]} has not finished")
-    if path not in outputs:
-        raise ComputeQueueError(f"job {job.job_id[:12]} has no output {path!r}", 404)
-    url = job._path + "outputs/" + quote(path, safe="/")
-    with job.client._request("GET", url, query=job._run_query) as reply:
-        if reply.status != 200:
-            raise reply.error("GET")
-        return reply.read(limit)
-
-
-def _zip_bytes(job: Job, limit: int) -> bytes:
-    with job.client._request("GET", job._path + "outputs.zip", query=job._run_query) as reply:
-        if reply.status != 200:
-            raise reply.error("GET")
-        data: bytes = reply.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"the outputs are over {limit} bytes as a zip: download them")
-    return data

@@ -22,14 +22,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from jupyter_compute_queue.argv import command_argv, needs_shell
+from jupyter_compute_queue.canonical import canonical_json
 from jupyter_compute_queue.jobs import (
     DEFAULTS,
     InvalidJob,
     canonical_form,
-    canonical_json,
-    command_argv,
     job_id,
-    needs_shell,
     parse_definition,
 )
 

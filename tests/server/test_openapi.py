@@ -25,11 +25,13 @@ from pydantic import BaseModel
 from tornado import web
 from tornado.websocket import WebSocketHandler
 
-from jupyter_compute_queue.jobs import BuildSpec, DataRef, JobDefinition, Requirements
+from jupyter_compute_queue.job_fields import BuildSpec, DataRef, Requirements
+from jupyter_compute_queue.jobs import JobDefinition
 from jupyter_compute_queue.jobs import parse_definition as parse_job
 from jupyter_compute_queue.runs import OutputRef, Phase, Reason, RunRecord, RunState, WorkerRef
 from jupyter_compute_queue.server import files, handlers
 from jupyter_compute_queue.server.base import BaseHandler
+from jupyter_compute_queue.server.queue_routes import StatusHandler
 from jupyter_compute_queue.service import QueueService
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,7 +289,7 @@ class _NoVerbs(BaseHandler):
     """Inherits tornado's stubs for every verb, and defines none of its own."""
 
 
-class _DeletableStatus(handlers.StatusHandler):
+class _DeletableStatus(StatusHandler):
     def delete(self, queue: str) -> None:
         """A verb added to a documented route."""
 
@@ -304,7 +306,7 @@ def test_an_undocumented_verb_and_a_route_no_longer_served_are_reported(
     doc: dict[str, Any],
 ) -> None:
     fake: list[tuple[str, type]] = [
-        (template, _DeletableStatus if handler is handlers.StatusHandler else handler)
+        (template, _DeletableStatus if handler is StatusHandler else handler)
         for template, handler in handlers.ROUTES
         if template != "j/{job}/copy"
     ]
