@@ -58,7 +58,7 @@ from .discovery import Host, find_host
 from .errors import ComputeQueueError, HostNotFound, JobTimeout
 from .http import CHUNK, Body, HttpClient, blob_upload_headers
 from .job import Job
-from .jobs import DataRef
+from .job_fields import DataRef
 from .logs import LogRecord
 from .logstream import LogStream
 from .runs import RunRecord
@@ -113,6 +113,11 @@ class Client(HttpClient):
         self.url = host.url
         #: The compute-queue API, ``{url}compute-queue/``.
         super().__init__(host.api, host.token, timeout)
+        if host.token is None and host.server_file is not None:
+            self.no_token_hint = (
+                f"no token was sent: {host.server_file} holds none (a server with a password "
+                "login?); pass Client(token=…) or set COMPUTE_QUEUE_TOKEN"
+            )
         self.queue = queue
         self._lock = threading.Lock()
         self._hashes: dict[tuple[str, int, int, int, int], str] = {}

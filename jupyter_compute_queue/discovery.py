@@ -6,7 +6,8 @@ The client (:mod:`jupyter_compute_queue.client`) looks, in this order:
 2. ``COMPUTE_QUEUE_URL`` and ``COMPUTE_QUEUE_TOKEN``: the Jupyter server URL including its base
    URL (``http://host:8888/base/``), or the ``…/compute-queue/`` API URL itself;
 3. the runtime files (``jpserver-<pid>.json``) of the Jupyter servers running on this machine,
-   in ``JUPYTER_RUNTIME_DIR`` (default: Jupyter's runtime dir). The server whose pid is the
+   in ``JUPYTER_RUNTIME_DIR`` (default: Jupyter's runtime dir) and, in a kernel, in the folder
+   of the kernel's connection file (where its server keeps them too). The server whose pid is the
    kernel's parent wins (also ``JPY_PARENT_PID``, which Jupyter sets for the kernels it starts,
    and further ancestors, so a script run in a Jupyter terminal finds its server); else the
    server whose root folder contains the kernel's working folder (the deepest such root).
@@ -47,6 +48,8 @@ class Host:
     url: str
     token: str | None
     source: str
+    #: The runtime file it was found in, if it was.
+    server_file: Path | None = None
 
     @property
     def api(self) -> str:
@@ -130,6 +133,23 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
         return Path.home() / ".local" / "share" / "jupyter" / "runtime"
 
 
+def kernel_runtime_dir() -> Path | None:
+    """The folder of this kernel's connection file, when this is an IPython kernel: the
+    server that started it keeps its runtime files there too, even when its runtime dir was
+    set on its command line (``--ServerApp.runtime_dir``) where the kernel cannot see it."""
+    if "ipykernel" not in sys.modules:  # not a kernel: never import ipykernel for this
+        return None
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if not IPKernelApp.initialized():
+            return None
+        connection_file = IPKernelApp.instance().abs_connection_file
+    except Exception:  # an odd kernel: discovery goes on without it
+        return None
+    return Path(connection_file).parent if connection_file else None
+
+
 def running_servers(folder: Path) -> tuple[list[ServerFile], list[str]]:
     """The runtime files of running servers in ``folder``, and notes on the files skipped."""
     try:
@@ -200,6 +220,13 @@ def _parent_of(pid: int) -> int:
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
 def _contains(root: str, folder: Path) -> bool:
     try:
         folder.relative_to(Path(root).resolve())
@@ -222,7 +249,7 @@ def _from_server(
     if not chosen and hub:
         chosen = hub
         source += " with $JUPYTERHUB_API_TOKEN"
-    return Host(url, chosen or None, source)
+    return Host(url, chosen or None, source, info.path)
 
 
 def find_host(
@@ -253,6 +280,13 @@ def find_host(
 
     folder = runtime_dir(env)
     servers, notes = running_servers(folder)
+    folders = str(folder)
+    kernel_folder = kernel_runtime_dir()
+    if kernel_folder is not None and not _same_folder(kernel_folder, folder):
+        more, more_notes = running_servers(kernel_folder)
+        servers += more
+        notes += more_notes
+        folders += f" and {kernel_folder} (this kernel's)"
     here = (cwd or Path.cwd()).resolve()
     lineage = ancestors(env)
     by_pid = {s.pid: s for s in servers}
@@ -279,7 +313,7 @@ def find_host(
         )
     if not servers and not notes:
         notes.append("no server files")
-    tried.append(f"Jupyter runtime files in {folder}: " + "; ".join(notes))
+    tried.append(f"Jupyter runtime files in {folders}: " + "; ".join(notes))
 
     hub_url = env.get("JUPYTERHUB_SERVICE_URL", "").strip()
     if hub_url:

@@ -133,6 +133,8 @@ class Reply(Closing):
         self.status = response.status
         self._conn = conn
         self._response = response
+        #: Added to the error message (e.g. why no token was sent, on a 401).
+        self.hint: str | None = None
 
     def header(self, name: str) -> str | None:
         return self._response.getheader(name)
@@ -160,7 +162,10 @@ class Reply(Closing):
         text = self.error_text(64 * 1024)
         if not text:
             text = f"{method} {safe(self.url)} answered {self.status} {self._response.reason}"
-        return ComputeQueueError(text[:2000], self.status, safe(self.url))
+        text = text[:2000]
+        if self.hint:
+            text += f" ({self.hint})"
+        return ComputeQueueError(text, self.status, safe(self.url))
 
     def close(self) -> None:
         self._response.close()
@@ -175,6 +180,9 @@ class HttpClient:
         self.api_url = api_url
         self.token = token
         self.timeout = timeout
+        #: Said with a 401 when no token was sent: how to give one (set by the client when
+        #: discovery found a server that writes no token, e.g. one with a password login).
+        self.no_token_hint: str | None = None
         self._api = urlsplit(self.api_url)
         self._ssl = ssl.create_default_context()
 
@@ -236,6 +244,8 @@ class HttpClient:
                     f"{method} {safe(url)}: cannot reach the host ({exc or type(exc).__name__})"
                 )
             else:
+                if reply.status == 401 and not self.token:
+                    reply.hint = self.no_token_hint
                 if reply.status not in _RETRY_STATUS or attempt + 1 >= attempts:
                     return reply
                 error = reply.error(method)

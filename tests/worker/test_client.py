@@ -629,6 +629,69 @@ def test_no_host_found_lists_what_was_tried(
         assert expected in message, (expected, message)
 
 
+async def test_a_server_file_without_a_token_says_so_on_a_401(
+    runtime: Path, server_url: str
+) -> None:
+    # A server with a password login writes no token: the request goes without one, and the
+    # refusal says why and what to do instead of a bare 401.
+    path = server_file(runtime, "password", os.getppid(), server_url, "", "/")
+    client = Client(queue="q")
+    assert client.token is None and client.host.server_file == path
+    with pytest.raises(ComputeQueueError) as refused:
+        await run(client.status)
+    assert refused.value.status == 401
+    assert f"{path} holds none" in str(refused.value) and "COMPUTE_QUEUE_TOKEN" in str(
+        refused.value
+    )
+
+
+async def test_a_kernel_also_looks_next_to_its_connection_file(
+    runtime: Path, server_url: str, host_token: str, tmp_path: Path
+) -> None:
+    """A server started with ``--ServerApp.runtime_dir`` keeps its runtime files where its
+    kernels' connection files are, while the kernel's JUPYTER_RUNTIME_DIR says elsewhere."""
+    server_dir = tmp_path / "server-runtime"
+    server_dir.mkdir()
+    # This process starts the kernel: its pid is the kernel's parent, as a server's would be.
+    server_file(server_dir, "cmdline", os.getpid(), server_url, host_token, "/nowhere")
+    code = (
+        "import json\n"
+        "from jupyter_compute_queue import Client\n"
+        "c = Client(queue='q')\n"
+        "print(json.dumps([c.url, c.token, c.host.source, c.status()['queue']]))"
+    )
+    # The host answers on this test's loop: the kernel is driven from a thread.
+    text = await run(run_in_new_kernel, code, server_dir / "kernel-t.json", runtime)
+    url, token, source, queue = json.loads(text.strip().splitlines()[-1])
+    assert (url, token, queue) == (server_url, host_token, "q"), text
+    assert str(server_dir / "jpserver-cmdline.json") in source and "parent" in source
+
+
+def run_in_new_kernel(code: str, connection_file: Path, runtime: Path) -> str:
+    """What ``code`` prints (or its error) in a new kernel whose connection file is
+    ``connection_file`` and whose JUPYTER_RUNTIME_DIR is ``runtime``."""
+    from jupyter_client.manager import KernelManager
+
+    manager = KernelManager(kernel_name="python3", connection_file=str(connection_file))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_QUEUE_", "JPY_"))}
+    manager.start_kernel(env={**env, "JUPYTER_RUNTIME_DIR": str(runtime)})
+    kernel = manager.client()
+    kernel.start_channels()
+    outputs: list[str] = []
+
+    def collect(msg: dict[str, Any]) -> None:
+        content = msg["content"]
+        outputs.append(content.get("text", "") + "".join(content.get("traceback", [])))
+
+    try:
+        kernel.wait_for_ready(timeout=60)
+        kernel.execute_interactive(code, timeout=60, output_hook=collect)
+    finally:
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
+    return "".join(outputs)
+
+
 # --- discovery among two real servers --------------------------------------------------------
 
 SERVER_START_TIMEOUT = 90.0  # two servers start at once; a loaded 2-core machine is slow
