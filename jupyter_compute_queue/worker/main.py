@@ -104,6 +104,9 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
         raise StartError(str(exc)) from None
     data_dir = Path(args.data_dir or Path(jupyter_data_dir()) / "compute-queue-worker")
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The worker's own: the content cache and run folders hold other people's inputs and
+    # outputs, which no other user of the machine may read.
+    _make_private(data_dir)
     lock = _lock(data_dir)
     worker_id = args.id or _worker_id(data_dir)
     runner: Runtime
@@ -209,6 +212,21 @@ def check_host(api: str) -> None:
         ) from None
     except (OSError, ValueError) as exc:
         raise StartError(f"cannot reach the host at {api} ({exc})") from None
+
+
+def _make_private(data_dir: Path) -> None:
+    """Close the data dir to other users (0700), or warn when it cannot be."""
+    try:
+        mode = data_dir.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(data_dir, mode & 0o700)
+    except OSError as exc:
+        log.warning(
+            "compute-queue worker: cannot make %s private to this user (%s): other users of "
+            "this machine may read the jobs' inputs and outputs in it",
+            data_dir,
+            exc.strerror or exc,
+        )
 
 
 def _lock(data_dir: Path) -> IO[str]:

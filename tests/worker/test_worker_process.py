@@ -239,9 +239,14 @@ async def test_url_and_token_from_the_environment(
     env = env_with(
         COMPUTE_QUEUE_URL=host_api.removesuffix("compute-queue/"), COMPUTE_QUEUE_TOKEN=host_token
     )
-    process = processes.start("from-env", "q", "--data-dir", str(tmp_path / "w"), env=env)
+    data = tmp_path / "w"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)  # as a user's umask leaves it
+    process = processes.start("from-env", "q", "--data-dir", str(data), env=env)
     await connected(fetch, "from-env", processes)
     assert process.poll() is None
+    # It holds other people's inputs and outputs: the worker closes it to other users.
+    assert data.stat().st_mode & 0o777 == 0o700
 
 
 async def test_a_restarted_worker_keeps_its_id(
