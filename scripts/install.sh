@@ -109,6 +109,10 @@ link_frontend() {
   ln -s "$ROOT/labextension/install.json" "$target/install.json"
 }
 
-install_system
-install_python
-link_frontend
+# COMPUTE_QUEUE_SKIP_INSTALL=1: only define ROOT, VENV and log (tests start run.sh's product in
+# a tree the suite has installed already, where reinstalling would pull it from under them).
+if [ "${COMPUTE_QUEUE_SKIP_INSTALL:-0}" != 1 ]; then
+  install_system
+  install_python
+  link_frontend
+fi

@@ -10,4 +10,8 @@ cd "$ROOT"
 bash "$ROOT/scripts/docker.sh" || log "no Docker engine: JupyterLab starts without a local worker"
 log "starting JupyterLab in $ROOT/notebooks"
 mkdir -p notebooks
-exec "$VENV/bin/jupyter" lab --notebook-dir="$ROOT/notebooks" "$@"
+# Jupyter refuses to start as root unless told: the first command must just work (CI and
+# containers are root), so as root it says --allow-root itself.
+AS_ROOT=()
+if [ "$(id -u)" = 0 ]; then AS_ROOT=(--allow-root); fi
+exec "$VENV/bin/jupyter" lab --notebook-dir="$ROOT/notebooks" "${AS_ROOT[@]}" "$@"
