@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ADDR[/BITS][:PORT]",
         help="a private address or network (and port) jobs may reach all the same, e.g. a "
-        "package mirror 10.0.0.5:3128; repeat for several",
+        "package mirror 10.0.0.5:3128, and the worker may fetch a job's url inputs and build "
+        "contexts from (those are refused on this machine, its LAN and private and link-local "
+        "addresses whatever --network says); repeat for several",
     )
     parser.add_argument("--container-user", choices=["worker", "image"], default="worker")
     parser.add_argument(

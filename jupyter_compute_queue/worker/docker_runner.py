@@ -25,6 +25,7 @@ from ..runs import OutputRef, Phase, Reason
 from . import engine_copy
 from .disk import DiskMeter, over_caps
 from .egress import Allowed, Egress, EgressUnavailable, needed_by_jobs
+from .fetch_policy import FetchPolicy, FetchRefused, input_refusal
 from .images import ImageError, build_image, ensure_image
 from .prepare import RunFolder, job_cache, output_files, prepare
 from .resources import cuda_visible_devices, docker_device_request
@@ -71,7 +72,8 @@ class RunnerConfig:
     #: engine walks the whole layer: tens of ms for tens of thousands of files); ``/outputs``
     #: and ``/inputs`` are measured every ``output_poll_seconds``.
     disk_poll_seconds: float = 5.0
-    #: Private destinations jobs may reach all the same (``--allow-egress``).
+    #: Private destinations jobs may reach all the same (``--allow-egress``); also where the
+    #: worker may fetch a job's URLs (inputs, build contexts) all the same.
     allow_egress: tuple[Allowed, ...] = ()
     #: The iptables program for the egress rules; None: the one holding the engine's chains.
     iptables: str | None = None
@@ -79,11 +81,18 @@ class RunnerConfig:
 
 class DockerRunner:
     """The default :class:`~.runtime.Runtime`: runs containers for one worker; every container
-    carries the worker's and the run's label."""
+    carries the worker's and the run's label.
+
+    The URLs a job gives (``url`` inputs, a build context) are fetched under
+    :attr:`fetch_policy`, the jobs' own network policy (``fetch_policy.py``); ``transfers``
+    gets it unless it has one already."""
 
     def __init__(self, client: Any, config: RunnerConfig, transfers: Transfers, host_api: str):
         self.client = client
         self.config = config
+        if transfers.policy is None:
+            transfers.policy = FetchPolicy(host_api, config.allow_egress)
+        self.fetch_policy: FetchPolicy = transfers.policy
         self.transfers = transfers
         self.host_api = host_api
         self._running: set[str] = set()  # runs between the start and the end of ``run``
@@ -130,6 +139,10 @@ class DockerRunner:
             return RunResult(Reason.ERROR, message="pulling or building the image took too long")
         except ImageError as exc:
             return RunResult(Reason.ERROR, message=str(exc))
+        except FetchRefused as exc:
+            return RunResult(
+                Reason.ERROR, message=input_refusal(definition, exc), image_digest=digest
+            )
         except TransferError as exc:
             return RunResult(
                 Reason.ERROR, message=f"moving a file failed: {exc}", image_digest=digest
@@ -238,7 +251,7 @@ class DockerRunner:
 
     async def _image(self, definition: JobDefinition, log: Callable[[str], None]) -> str:
         if definition.build is not None:
-            return await build_image(self.client, definition.build, log)
+            return await build_image(self.client, definition.build, log, self.fetch_policy)
         assert definition.image is not None
         return await ensure_image(self.client, definition.image, log)
 

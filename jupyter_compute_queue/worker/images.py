@@ -1,12 +1,15 @@
 """Getting a job's image onto the worker: pull it when missing, or build it from the job's spec.
 
 Every Docker SDK call here blocks, so each runs in a thread; progress goes to the run's log as
-``sys`` lines, throttled so a pull of many layers does not flood it.
+``sys`` lines, throttled so a pull of many layers does not flood it. A build context is a URL
+the job gave: the worker fetches it (an archive, or ``git`` through a :class:`~.fetch_proxy.
+FetchProxy`) connecting only where its :class:`~.fetch_policy.FetchPolicy` allows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -20,9 +23,15 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from ..http import safe
 from ..jobs import BuildSpec, canonical_json
+from .fetch_policy import FetchPolicy, FetchRefused, checked_opener
+from .fetch_proxy import FetchProxy
 
+#: The default ports of the schemes a git context may have.
+_GIT_PORTS = {"http": 80, "https": 443, "git": 9418}
 #: Where a built image is tagged: the hash of its build spec, so the same spec is built once.
 BUILD_REPO = "compute-queue-build"
 
@@ -157,8 +166,11 @@ def _pull(client: Any, repo: str, tag: str, log: Log) -> None:
         raise _TransientPullError(f"pull of {name} failed: {exc}") from None
 
 
-async def build_image(client: Any, build: BuildSpec, log: Log) -> str:
-    """Build (or reuse) the image of a build spec; returns its id. Build output goes to the log."""
+async def build_image(
+    client: Any, build: BuildSpec, log: Log, policy: FetchPolicy | None = None
+) -> str:
+    """Build (or reuse) the image of a build spec; returns its id. Build output goes to the log.
+    ``policy``: where fetching the context may connect (None: anywhere)."""
     tag = build_tag(build)
     found = await asyncio.to_thread(_get, client, tag)
     if found is not None:
@@ -166,7 +178,7 @@ async def build_image(client: Any, build: BuildSpec, log: Log) -> str:
         return found
     thread_log = _from_thread(log)
     with tempfile.TemporaryDirectory(prefix="cq-build-") as tmp:
-        context = await asyncio.to_thread(_context, build, Path(tmp), thread_log)
+        context = await asyncio.to_thread(_context, build, Path(tmp), thread_log, policy)
         await asyncio.to_thread(_build, client, build, context, tag, thread_log)
     found = await asyncio.to_thread(_get, client, tag)
     if found is None:
@@ -174,7 +186,7 @@ async def build_image(client: Any, build: BuildSpec, log: Log) -> str:
     return found
 
 
-def _context(build: BuildSpec, tmp: Path, log: Log) -> Path:
+def _context(build: BuildSpec, tmp: Path, log: Log, policy: FetchPolicy | None = None) -> Path:
     """A folder holding the build context (fetched, unpacked, sub-folder chosen)."""
     root = tmp / "context"
     root.mkdir()
@@ -182,10 +194,10 @@ def _context(build: BuildSpec, tmp: Path, log: Log) -> Path:
         url, _, ref = build.context.partition("#")
         if _is_archive(url):
             log(f"fetching build context {url}\n")
-            _unpack(url, root)
+            _unpack(url, root, policy)
         else:
             log(f"cloning {url}{' at ' + ref if ref else ''}\n")
-            _clone(url, ref, root)
+            _clone(url, ref, root, policy)
     folder = root / build.build_context if build.build_context else root
     if not folder.is_dir():
         raise ImageError(
@@ -201,9 +213,15 @@ def _is_archive(url: str) -> bool:
     return path.endswith((".tar.gz", ".tgz", ".tar", ".zip"))
 
 
-def _unpack(url: str, dest: Path) -> None:
-    with urllib.request.urlopen(url, timeout=120) as response:  # http(s): checked by the job model
-        data = response.read()
+def _unpack(url: str, dest: Path, policy: FetchPolicy | None = None) -> None:
+    # http(s): checked by the job model
+    opener = checked_opener(policy) if policy is not None else urllib.request.build_opener()
+    try:
+        with opener.open(url, timeout=120) as response:
+            data = response.read()
+    except FetchRefused as exc:
+        exc.requested = url
+        raise ImageError(f"build.context: {exc}") from None
     try:
         if url.split("?", 1)[0].lower().endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -234,24 +252,36 @@ def _strip_single_folder(dest: Path) -> None:
         inner.rmdir()
 
 
-def _clone(url: str, ref: str, dest: Path) -> None:
+def _clone(url: str, ref: str, dest: Path, policy: FetchPolicy | None = None) -> None:
     if shutil.which("git") is None:
         raise ImageError("build.context: a git context needs git on the worker (apt install git)")
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(FetchProxy(policy)) if policy is not None else None
+        _git_clone(url, ref, dest, proxy)
+
+
+def _git_clone(url: str, ref: str, dest: Path, proxy: FetchProxy | None) -> None:
     # Never ask for a login on a terminal: a context needing one fails instead of hanging.
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-    command = ["git", "clone", "--quiet", "--depth", "1"]
+    git = ["git"]
+    if proxy is not None:
+        env = proxy.git_environment(env, dest.parent)
+        git += proxy.git_options(dest.parent)
+    command = [*git, "clone", "--quiet", "--depth", "1"]
     if ref:
         command += ["--branch", ref]
     done = subprocess.run(
         [*command, url, str(dest)], capture_output=True, text=True, timeout=600, env=env
     )
+    if proxy is not None and proxy.refused:
+        raise ImageError(f"build.context: {_refused(url, proxy.refused[0])}")
     if done.returncode != 0:
         # A commit hash cannot be cloned by --branch, and a plain ("dumb") HTTP server cannot
         # give a shallow clone at all: fetch the whole history (and check the ref out).
         shutil.rmtree(dest)
         dest.mkdir()
         done = subprocess.run(
-            ["git", "clone", "--quiet", url, str(dest)],
+            [*git, "clone", "--quiet", url, str(dest)],
             capture_output=True,
             text=True,
             timeout=600,
@@ -264,8 +294,19 @@ def _clone(url: str, ref: str, dest: Path) -> None:
                 text=True,
                 timeout=120,
             )
+    if proxy is not None and proxy.refused:
+        raise ImageError(f"build.context: {_refused(url, proxy.refused[0])}")
     if done.returncode != 0:
         raise ImageError(f"build.context: git could not fetch {url}: {done.stderr.strip()}")
+
+
+def _refused(url: str, refused: FetchRefused) -> str:
+    """What git was refused, named by the context's URL when it was the context's own host."""
+    split = urlsplit(url)
+    own = {f"{split.hostname}:{split.port or _GIT_PORTS.get(split.scheme, 0)}", safe(url)}
+    if refused.url in own or (refused.url or "").startswith(f"{safe(url)}/"):
+        return f"the worker does not fetch {safe(url)}: {refused.reason}"
+    return f"{safe(url)} led to {refused.url}, which the worker does not fetch: {refused.reason}"
 
 
 def _build(client: Any, build: BuildSpec, context: Path, tag: str, log: Log) -> None:

@@ -16,7 +16,7 @@ async client because:
   ``http``/``https`` may be fetched (``urllib`` would also open ``file:`` URLs of the worker).
 
 Requests do not go through ``HTTP(S)_PROXY``: the worker's websocket to the host does not
-either.
+either. A URL a job gave connects only where ``policy`` allows (``fetch_policy.py``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from ..http import (
     Replay,
     Reply,
     blob_upload_headers,
-    origin,
     under_api,
 )
+from .fetch_policy import FetchPolicy, FetchRefused, from_blob_store, open_connection
 
 __all__ = ["ContentCache", "TransferError", "Transfers", "TransientError", "safe_url"]
 
@@ -277,6 +277,7 @@ class Transfers:
 
     Each operation is tried ``retries`` times in all, sleeping ``backoff * 2**i`` seconds after
     the i-th transient failure; other failures are raised at once.
+    ``policy``: where a download without ``sha256`` (a job's URL) may connect (None: anywhere).
     """
 
     #: Seconds an upload waits for ``100 Continue`` before sending the body regardless.
@@ -290,6 +291,7 @@ class Transfers:
         retries: int = 4,
         backoff: float = 0.5,
         timeout: float = 60.0,
+        policy: FetchPolicy | None = None,
     ) -> None:
         if not host_api.endswith("/"):
             raise ValueError(f"host_api must end with '/': {safe_url(host_api)}")
@@ -302,6 +304,7 @@ class Transfers:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
+        self.policy = policy
         self._ssl = ssl.create_default_context()
 
     # --- public API ---------------------------------------------------------------------------
@@ -318,7 +321,9 @@ class Transfers:
         its own, as a run's writable inputs need); return its sha256.
 
         With ``sha256`` a cached copy is used without a request, and the download is checked
-        against it (a mismatch raises TransferError and caches nothing).
+        against it (a mismatch raises TransferError and caches nothing). Without it (a job's
+        ``url`` input) every hop goes through :attr:`policy` (FetchRefused, not retried); with
+        it the URL is the host's, and the bytes are pinned to a blob the host already has.
         """
         absolute = urljoin(self.host_api, url)
         _parse(absolute)
@@ -327,7 +332,12 @@ class Transfers:
             if await asyncio.to_thread(self.cache.has, sha256):
                 await asyncio.to_thread(self.cache.link_into, sha256, dest, copy=copy)
                 return sha256
-        key = await self._retry(lambda cancel: self._download(absolute, sha256, cancel))
+        policy = self.policy if sha256 is None else None
+        try:
+            key = await self._retry(lambda cancel: self._download(absolute, sha256, cancel, policy))
+        except FetchRefused as exc:
+            exc.requested = url
+            raise
         await asyncio.to_thread(self.cache.link_into, key, dest, copy=copy)
         return key
 
@@ -390,14 +400,16 @@ class Transfers:
             with self._request("PUT", self.blob_url(key), headers, body, cancel) as response:
                 self._check("PUT", response)
 
-    def _download(self, url: str, sha256: str | None, cancel: threading.Event) -> str:
+    def _download(
+        self, url: str, sha256: str | None, cancel: threading.Event, policy: FetchPolicy | None
+    ) -> str:
         fd, name = tempfile.mkstemp(dir=self.cache.tmp_dir, prefix="fetch-", suffix=".part")
         tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
                 digest = hashlib.sha256()
                 total = 0
-                with self._request("GET", url, {}, None, cancel) as response:
+                with self._request("GET", url, {}, None, cancel, policy) as response:
                     self._check("GET", response)
                     where = f"GET {safe_url(response.url)}"
                     while True:
@@ -442,16 +454,19 @@ class Transfers:
         headers: Mapping[str, str],
         body: _Upload | None,
         cancel: threading.Event,
+        policy: FetchPolicy | None = None,
     ) -> Reply:
-        """Send a request and follow redirects; the caller closes the response."""
+        """Send a request and follow redirects; the caller closes the response. Each hop goes
+        through ``policy``, except one the host's blob routes redirected to (its store)."""
         trusted = True  # the chain has not left the host's API yet
+        hop_policy = policy
         for _hop in range(MAX_REDIRECTS + 1):
             split = _parse(url)
             trusted = trusted and self._on_host(split)
             hop_headers = dict(headers)
             if trusted and self.token:
                 hop_headers["Authorization"] = f"token {self.token}"
-            response = self._exchange(method, url, split, hop_headers, body, cancel)
+            response = self._exchange(method, url, split, hop_headers, body, cancel, hop_policy)
             if response.status not in REDIRECTS:
                 return response
             with response:
@@ -465,6 +480,7 @@ class Transfers:
                 raise TransferError(
                     f"{method} {safe_url(url)} answered {response.status}, which drops the body"
                 )
+            hop_policy = None if from_blob_store(split, self._api) else policy
             url = urljoin(url, location)
         raise TransferError(f"{method} {safe_url(url)}: more than {MAX_REDIRECTS} redirects")
 
@@ -476,15 +492,11 @@ class Transfers:
         headers: Mapping[str, str],
         body: _Upload | None,
         cancel: threading.Event,
+        policy: FetchPolicy | None = None,
     ) -> Reply:
         """One request and the head of its response, errors classified."""
         where = f"{method} {safe_url(url)}"
-        host, port = origin(split)[1:]
-        conn: http.client.HTTPConnection
-        if split.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        conn = open_connection(policy, url, self.timeout, self._ssl)
         try:
             target = split.path or "/"
             if split.query:

@@ -20,11 +20,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from jupyter_compute_queue.jobs import parse_definition
 from jupyter_compute_queue.worker import images
+from jupyter_compute_queue.worker.egress import Allowed, parse_allowed
 from tests.docker_env import docker_client, free_loopback_port
 
 from .conftest import Fetch, StartWorker, run_job, submit, unique_id, wait_result
@@ -56,6 +58,12 @@ def serve_dir(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def opened(url: str) -> tuple[Allowed, ...]:
+    """``--allow-egress`` for the loopback server of ``url``: the worker fetches a build
+    context only where its jobs may connect (docs/worker.md, Isolation)."""
+    return (parse_allowed(f"127.0.0.1:{urlsplit(url).port}"),)
 
 
 @pytest.fixture
@@ -349,7 +357,7 @@ async def test_build_from_a_tar_gz_context(
     build = built(
         {"context": f"{url}/ctx.tar.gz", "buildContext": "app", "filename": "Dockerfile.job"}
     )
-    await start_worker(unique_id())
+    await start_worker(unique_id(), allow_egress=opened(url))
     result, logs = await run_job(fetch, {"build": build, "command": "cat /hello.txt"})
     assert result["reason"] == "Success", (result, logs)
     assert "hello from the context" in logs.splitlines()
@@ -388,7 +396,7 @@ def git_site(tmp_path: Path, serve_dir: Any, test_images: Any) -> str:
 async def test_build_from_a_git_repository_over_http(
     fetch: Fetch, start_worker: StartWorker, built: Any, git_site: str
 ) -> None:
-    await start_worker(unique_id())
+    await start_worker(unique_id(), allow_egress=opened(git_site))
     for ref, expected in [("#v1", "message v1"), ("", "message v2")]:
         build = built({"context": git_site + ref, "buildContext": "docker"})
         result, logs = await run_job(fetch, {"build": build, "command": "cat /message.txt"})
@@ -400,7 +408,7 @@ async def test_build_from_a_git_repository_over_http(
 async def test_a_bad_git_ref_is_an_error_naming_git(
     fetch: Fetch, start_worker: StartWorker, built: Any, git_site: str
 ) -> None:
-    await start_worker(unique_id())
+    await start_worker(unique_id(), allow_egress=opened(git_site))
     build = built({"context": git_site + "#no-such-ref", "buildContext": "docker"})
     result, logs = await run_job(fetch, {"build": build, "command": "true"})
     assert result["reason"] == "Error", (result, logs)
