@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stopped (Error). The container's files and /job-cache are measured every 5 s "
         "(default: --max-output-bytes + 10g)",
     )
+    parser.add_argument(
+        "--max-cache-bytes",
+        default="10g",
+        help="size of the worker's content cache of inputs (files fetched by their hash, kept "
+        "between runs); past it, the files used longest ago are removed (default: 10g)",
+    )
     parser.add_argument("--id", help="the worker id (default: one kept in the data dir)")
     parser.add_argument("--grace", default="30s", help="SIGTERM grace before giving runs back")
     parser.add_argument(

@@ -97,6 +97,7 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
         max_duration = parse_duration(args.max_job_duration)
         max_output = parse_size(args.max_output_bytes)
         max_disk = parse_size(args.max_disk_bytes) if args.max_disk_bytes else None
+        max_cache = parse_size(args.max_cache_bytes)
         grace = parse_duration(args.grace)
         gpus = parse_gpus(args.gpus)
         allow_egress = tuple(parse_allowed(text) for text in args.allow_egress)
@@ -125,6 +126,7 @@ def setup(args: argparse.Namespace) -> tuple[Agent, IO[str]]:
             max_duration,
             max_output,
             max_disk,
+            max_cache,
             allow_egress,
         )
     options = WorkerOptions(
@@ -150,6 +152,7 @@ def _docker_runner(
     max_duration: int,
     max_output: int,
     max_disk: int | None,
+    max_cache: int,
     allow_egress: tuple[Allowed, ...],
 ) -> DockerRunner:
     """The default runtime, once the Docker engine and the host answer."""
@@ -168,7 +171,7 @@ def _docker_runner(
             max_job_duration=max_duration,
             allow_egress=allow_egress,
         ),
-        Transfers(api, token, ContentCache(data_dir / "cache")),
+        Transfers(api, token, ContentCache(data_dir / "cache", max_cache)),
         api,
     )
     if args.network != "none":

@@ -22,13 +22,10 @@ either. A URL a job gave connects only where ``policy`` allows (``fetch_policy.p
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import hashlib
 import http.client
 import logging
 import os
-import shutil
 import ssl
 import tempfile
 import threading
@@ -46,6 +43,7 @@ from ..http import (
     blob_upload_headers,
     under_api,
 )
+from .content_cache import Cancelled, ContentCache, hash_file
 from .fetch_policy import FetchPolicy, FetchRefused, from_blob_store, open_connection
 
 __all__ = ["ContentCache", "TransferError", "Transfers", "TransientError", "safe_url"]
@@ -65,9 +63,6 @@ CONTINUE_WAIT = 1.0
 _ERROR_BODY_MAX = 4096
 #: At most this much of an early response head is read byte by byte.
 _HEAD_MAX = 64 * 1024
-#: ``ioctl(dest, FICLONE, src)`` (``_IOW(0x94, 9, int)`` in <linux/fs.h>): make ``dest`` share
-#: ``src``'s blocks, copied on write (btrfs, XFS formatted with reflink, bcachefs).
-FICLONE = 0x40049409
 
 
 class TransferError(Exception):
@@ -76,10 +71,6 @@ class TransferError(Exception):
 
 class TransientError(TransferError):
     """A failure worth retrying: connection errors, timeouts, 5xx and 429 answers."""
-
-
-class _Cancelled(Exception):
-    """The awaiting task was cancelled: the thread stops at its next chunk."""
 
 
 def safe_url(url: str) -> str:
@@ -109,136 +100,6 @@ def _parse(url: str) -> SplitResult:
     return split
 
 
-def _copy_into(src: Path, dest_dir: Path) -> Path:
-    """Copy ``src`` to a new temp file in ``dest_dir`` and return its path."""
-    fd, name = tempfile.mkstemp(dir=dest_dir, prefix="copy-", suffix=".part")
-    try:
-        with src.open("rb") as source, os.fdopen(fd, "wb") as target:
-            shutil.copyfileobj(source, target, CHUNK)
-            target.flush()
-            os.fsync(target.fileno())
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
-
-
-def clone_file(src: Path, dest: Path) -> None:
-    """Write ``dest`` (replacing it) with the bytes of ``src``, as cheaply as the file system
-    allows: a reflink (no bytes copied until either file is written), else ``copy_file_range``
-    (a copy inside the kernel, which some file systems turn into a reflink or a server-side
-    copy themselves), else ``shutil.copyfile`` (``sendfile``, else reads and writes). ``dest``
-    gets a fresh mode (0o666 less the umask), never ``src``'s."""
-    with src.open("rb") as source, dest.open("wb") as target:
-        try:
-            fcntl.ioctl(target.fileno(), FICLONE, source.fileno())
-            return
-        except OSError:
-            pass  # EOPNOTSUPP (ext4, tmpfs …), EXDEV, EINVAL: no reflink here
-        size = os.fstat(source.fileno()).st_size
-        copied = 0
-        try:
-            while copied < size:
-                done = os.copy_file_range(source.fileno(), target.fileno(), size - copied)
-                if done == 0:
-                    break
-                copied += done
-        except OSError:
-            pass  # ENOSYS (old kernel), EXDEV (some pairs of file systems), EINVAL …
-        if copied == size:
-            return
-    shutil.copyfile(src, dest)  # starts over: a failed copy_file_range may have written part
-
-
-def _hash_file(path: Path, cancel: threading.Event | None = None) -> tuple[str, int]:
-    """sha256 and size of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-class ContentCache:
-    """The worker's content-addressed cache of inputs: ``root/<key[:2]>/<key>``, files
-    read-only, temp files in ``root/tmp/``.
-
-    A run must get its own copy (``copy=True`` of :meth:`link_into`, which reflinks where the
-    file system can): its ``/inputs`` are writable, and through a hard link a job running as
-    root (which ignores the read-only mode) or as the file's owner (who may chmod it) would
-    change the cached bytes for every later run, on any queue.
-
-    Methods block (file system calls); async callers run them in a thread.
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        #: Where downloads are written before they are added: the same file system as the
-        #: cache, so adding is a rename.
-        self.tmp_dir = self.root / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha256: str) -> Path:
-        """Where the blob ``sha256`` lives (whether or not it is there); InvalidBlobKey (a
-        ValueError) unless the key is 64 lowercase hex characters."""
-        key = check_key(sha256)
-        return self.root / key[:2] / key
-
-    def has(self, sha256: str) -> bool:
-        """Whether the blob is in the cache."""
-        return self.path(sha256).is_file()
-
-    def add_file(self, src: Path, *, sha256: str | None = None) -> str:
-        """Move the finished file ``src`` into the cache under its hash and return the hash.
-
-        ``sha256`` saves reading the file again when the caller hashed it while writing it;
-        it is trusted. ``src`` is gone afterwards (also when the blob was already cached).
-        """
-        key = check_key(sha256) if sha256 is not None else _hash_file(src)[0]
-        target = self.path(key)
-        if target.is_file():  # a concurrent fetch of the same bytes got here first
-            src.unlink()
-            return key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src.chmod(0o444)
-        try:
-            # Atomic: a concurrent reader sees the whole file or none. Replacing a copy that
-            # appeared meanwhile is harmless, both hold the same bytes.
-            os.replace(src, target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            # ``src`` is on another file system: copy next to the cache, then rename.
-            copy = _copy_into(src, self.tmp_dir)
-            copy.chmod(0o444)
-            os.replace(copy, target)
-            src.unlink()
-        return key
-
-    def link_into(self, sha256: str, dest: Path, *, copy: bool = False) -> None:
-        """Put the cached blob at ``dest`` (replacing what is there), creating parent folders:
-        with ``copy`` a file of its own (:func:`clone_file`), else a hard link (or that copy
-        where linking fails: another file system, no hard links). FileNotFoundError if the
-        blob is not cached."""
-        source = self.path(sha256)
-        if not source.is_file():
-            raise FileNotFoundError(f"blob {sha256} is not in the content cache {self.root}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
-        if not copy:
-            try:
-                os.link(source, dest)
-                return
-            except OSError:
-                pass  # EXDEV, EPERM, EMLINK, ENOTSUP …: a copy does the job
-        clone_file(source, dest)
-
-
 class _Upload:
     """The body of a PUT: the first ``size`` bytes of an open file, streamed in chunks (from
     the start again on every hop of a redirect)."""
@@ -256,7 +117,7 @@ class _Upload:
             remaining = self.size
             while remaining > 0:
                 if cancel.is_set():
-                    raise _Cancelled
+                    raise Cancelled
                 chunk = self.file.read(min(CHUNK, remaining))
                 if not chunk:
                     raise TransferError(f"{self.path} shrank while it was being uploaded")
@@ -330,8 +191,11 @@ class Transfers:
         if sha256 is not None:
             check_key(sha256)
             if await asyncio.to_thread(self.cache.has, sha256):
-                await asyncio.to_thread(self.cache.link_into, sha256, dest, copy=copy)
-                return sha256
+                try:
+                    await asyncio.to_thread(self.cache.link_into, sha256, dest, copy=copy)
+                    return sha256
+                except FileNotFoundError:
+                    pass  # pruned since has(): fetched again below
         policy = self.policy if sha256 is None else None
         try:
             key = await self._retry(lambda cancel: self._download(absolute, sha256, cancel, policy))
@@ -346,7 +210,7 @@ class Transfers:
 
         Asks ``GET f/{key}/exists`` first and skips the upload if the host has the blob.
         """
-        key, size = await self._in_thread(lambda cancel: _hash_file(path, cancel))
+        key, size = await self._in_thread(lambda cancel: hash_file(path, cancel))
         if await self._retry(lambda cancel: self._exists(key, cancel)):
             return key, size
         await self._retry(lambda cancel: self._put(path, key, size, cancel))
@@ -414,7 +278,7 @@ class Transfers:
                     where = f"GET {safe_url(response.url)}"
                     while True:
                         if cancel.is_set():
-                            raise _Cancelled
+                            raise Cancelled
                         try:
                             chunk = response.read(CHUNK)
                         except (OSError, http.client.HTTPException) as exc:

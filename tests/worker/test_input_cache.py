@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.worker import transfer
-from jupyter_compute_queue.worker.transfer import ContentCache
+from jupyter_compute_queue.worker import content_cache
+from jupyter_compute_queue.worker.content_cache import PRUNE_GRACE, ContentCache
+from jupyter_compute_queue.worker.transfer import Transfers
 
 from .conftest import Fetch, StartWorker, run_job, unique_id
 
@@ -125,8 +126,8 @@ def test_the_copy_falls_back_where_the_kernel_cannot_help(
             return real_copy_file_range(src, dst, min(count, 4096))
         raise OSError(errno.EXDEV, "cross-device")
 
-    monkeypatch.setattr(transfer.fcntl, "ioctl", no_clone)
-    monkeypatch.setattr(transfer.os, "copy_file_range", half_then_fail)
+    monkeypatch.setattr(content_cache.fcntl, "ioctl", no_clone)
+    monkeypatch.setattr(content_cache.os, "copy_file_range", half_then_fail)
     dest = tmp_path / "run" / "a.bin"
     cache.link_into(key, dest, copy=True)
     assert dest.read_bytes() == data
@@ -135,6 +136,77 @@ def test_the_copy_falls_back_where_the_kernel_cannot_help(
     def unavailable(src: int, dst: int, count: int) -> int:
         raise OSError(errno.ENOSYS, "no such system call")
 
-    monkeypatch.setattr(transfer.os, "copy_file_range", unavailable)
+    monkeypatch.setattr(content_cache.os, "copy_file_range", unavailable)
     cache.link_into(key, dest, copy=True)
     assert dest.read_bytes() == data
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+
+def used_at(cache: ContentCache, key: str, seconds_ago: float) -> None:
+    """Pretend the cached file was last used ``seconds_ago``."""
+    when = os.path.getmtime(cache.path(key)) - seconds_ago
+    os.utime(cache.path(key), (when, when))
+
+
+def test_past_its_cap_the_cache_drops_what_was_used_longest_ago(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache", max_bytes=10_000)
+    old, older, oldest = (cached(cache, tmp_path, bytes([n]) * 3000) for n in (1, 2, 3))
+    used_at(cache, old, PRUNE_GRACE + 100)
+    used_at(cache, older, PRUNE_GRACE + 200)
+    used_at(cache, oldest, PRUNE_GRACE + 300)
+    cache.link_into(older, tmp_path / "run" / "a", copy=True)  # used now: the newest again
+    assert cache.total == 9000
+    fresh = cached(cache, tmp_path, b"f" * 3000)  # 12,000 > 10,000: down to 9,000 at most
+    assert not cache.has(oldest)
+    assert cache.has(old) and cache.has(older) and cache.has(fresh)
+    newest = cached(cache, tmp_path, b"n" * 3000)  # the next one used longest ago goes
+    assert not cache.has(old)
+    assert cache.has(older) and cache.has(fresh) and cache.has(newest)
+    assert cache.total == 9000 == sum(p.stat().st_size for p in cache.root.glob("??/*"))
+    # A new cache over the same folder counts what is there.
+    assert ContentCache(tmp_path / "cache", max_bytes=10_000).total == 9000
+
+
+def test_files_used_lately_stay_even_past_the_cap(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache", max_bytes=1000)
+    first = cached(cache, tmp_path, b"a" * 800)
+    second = cached(cache, tmp_path, b"b" * 800)  # past the cap, but both used just now
+    assert cache.has(first) and cache.has(second) and cache.total == 1600
+    used_at(cache, first, PRUNE_GRACE + 1)
+    assert cache.prune() == 800
+    assert not cache.has(first) and cache.has(second)
+
+
+def test_leftover_partial_downloads_go_at_start(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache")
+    stale, recent = cache.tmp_dir / "fetch-a.part", cache.tmp_dir / "fetch-b.part"
+    stale.write_bytes(b"x")
+    recent.write_bytes(b"y")
+    os.utime(stale, (1, 1))
+    ContentCache(tmp_path / "cache")
+    assert not stale.exists() and recent.exists()
+
+
+async def test_a_file_pruned_after_it_was_found_is_fetched_again(
+    fetch: Fetch, host_api: str, host_token: str, tmp_path: Path
+) -> None:
+    data = f"pruned meanwhile {uuid.uuid4().hex}".encode()
+    key = hashlib.sha256(data).hexdigest()
+    assert (await fetch("f", key, method="PUT", body=data)).code == 201
+    cache = ContentCache(tmp_path / "cache")
+    transfers = Transfers(host_api, host_token, cache)
+    await transfers.fetch(f"f/{key}", tmp_path / "first", key)
+
+    class Racing(ContentCache):
+        """Finds the file, then loses it to a prune before the copy."""
+
+        def has(self, sha256: str) -> bool:
+            found = super().has(sha256)
+            self.path(sha256).unlink()
+            return found
+
+    racing = Transfers(host_api, host_token, Racing(tmp_path / "cache"))
+    await racing.fetch(f"f/{key}", tmp_path / "second", key, copy=True)
+    assert (tmp_path / "second").read_bytes() == data and cache.has(key)
