@@ -11,15 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
-import urllib.request
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,8 @@ from urllib.parse import urlsplit
 
 from ..http import safe
 from ..jobs import BuildSpec, canonical_json
-from .fetch_policy import FetchPolicy, FetchRefused, checked_opener
+from .context_archive import ContextError, is_archive, unpack
+from .fetch_policy import FetchPolicy, FetchRefused
 from .fetch_proxy import FetchProxy
 
 #: The default ports of the schemes a git context may have.
@@ -192,9 +189,12 @@ def _context(build: BuildSpec, tmp: Path, log: Log, policy: FetchPolicy | None =
     root.mkdir()
     if build.context:
         url, _, ref = build.context.partition("#")
-        if _is_archive(url):
+        if is_archive(url):
             log(f"fetching build context {url}\n")
-            _unpack(url, root, policy)
+            try:
+                unpack(url, root, policy)
+            except ContextError as exc:
+                raise ImageError(f"build.context: {exc}") from None
         else:
             log(f"cloning {url}{' at ' + ref if ref else ''}\n")
             _clone(url, ref, root, policy)
@@ -206,50 +206,6 @@ def _context(build: BuildSpec, tmp: Path, log: Log, policy: FetchPolicy | None =
     if build.dockerfile:
         (folder / (build.filename or "Dockerfile")).write_text(build.dockerfile)
     return folder
-
-
-def _is_archive(url: str) -> bool:
-    path = url.split("?", 1)[0].lower()
-    return path.endswith((".tar.gz", ".tgz", ".tar", ".zip"))
-
-
-def _unpack(url: str, dest: Path, policy: FetchPolicy | None = None) -> None:
-    # http(s): checked by the job model
-    opener = checked_opener(policy) if policy is not None else urllib.request.build_opener()
-    try:
-        with opener.open(url, timeout=120) as response:
-            data = response.read()
-    except FetchRefused as exc:
-        exc.requested = url
-        raise ImageError(f"build.context: {exc}") from None
-    try:
-        if url.split("?", 1)[0].lower().endswith(".zip"):
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                for member in archive.namelist():
-                    _safe_member(dest, member)
-                archive.extractall(dest)
-        else:
-            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-                archive.extractall(dest, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile) as exc:
-        raise ImageError(f"build.context: {url} is not a readable archive: {exc}") from None
-    _strip_single_folder(dest)
-
-
-def _safe_member(dest: Path, member: str) -> None:
-    target = (dest / member).resolve()
-    if not str(target).startswith(str(dest.resolve())):
-        raise ImageError(f"build.context: the archive member {member!r} escapes the context")
-
-
-def _strip_single_folder(dest: Path) -> None:
-    """GitHub-style archives wrap everything in one top folder: use its inside as the context."""
-    entries = list(dest.iterdir())
-    if len(entries) == 1 and entries[0].is_dir():
-        inner = entries[0]
-        for child in inner.iterdir():
-            shutil.move(str(child), dest / child.name)
-        inner.rmdir()
 
 
 def _clone(url: str, ref: str, dest: Path, policy: FetchPolicy | None = None) -> None:
