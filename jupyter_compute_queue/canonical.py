@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -31,3 +32,30 @@ def integral_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [integral_numbers(v) for v in value]
     return value
+
+
+def lone_surrogate(value: Any) -> tuple[str, int] | None:
+    """Where ``value`` (JSON-like: mappings, lists, strings) holds a string with a lone UTF-16
+    surrogate, which no UTF-8 encoder takes (Python's json reads ``"\\ud800"`` into one, so the
+    canonical form of such a value cannot be written): its path (``env.A``, ``command[1]``; a
+    mapping's own path for a key) and the code point; None if nowhere."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return where, ord(node[exc.start])
+        elif isinstance(node, Mapping):
+            for key, item in node.items():
+                stack.append((where, key))  # a key is text too
+                stack.append((f"{where}.{key}" if where else str(key), item))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(node))
+    return None
+
+
+def surrogate_message(code: int) -> str:
+    return f"holds a lone UTF-16 surrogate (\\u{code:04x}), which is not a character"

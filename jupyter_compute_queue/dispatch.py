@@ -26,10 +26,11 @@ CLAIM_BATCH = 32
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Lease:
     """A run the host handed to a connected worker: its fence and latest record, kept in
-    memory so a worker's phase and log messages need no store read."""
+    memory so a worker's phase and log messages need no store read. Its record is replaced in
+    place as the run changes (a copy per phase was a measurable cost)."""
 
     fence: int
     worker_id: str
@@ -154,10 +155,13 @@ class WorkerSide:
         await self._fill(session)
 
     async def dispatch(self, queue: str) -> None:
-        """Offer a queue's runs to the connected workers that serve it."""
-        for session in list(self._sessions.values()):
-            if queue in session.info.queues:
-                await self._fill(session)
+        """Offer a queue's runs to the connected workers that serve it.
+
+        All at once: their claims are queued in this order, so they land in one group commit
+        and take runs as one after the other would, instead of each waiting for a commit of its
+        own (ten workers made a submission wait for ten commits: benchmarks/RESULTS.md)."""
+        serving = [s for s in self._sessions.values() if queue in s.info.queues]
+        await asyncio.gather(*(self._fill(session) for session in serving))
 
     async def dispatch_all(self, queues: Iterable[str]) -> None:
         for queue in sorted(set(queues)):
@@ -178,8 +182,8 @@ class WorkerSide:
                     run = assignment.record
                     self._fences[run.run_id] = Lease(assignment.fence, worker_id, run)
                     self._publish(run)
-                for assignment in claimed:
-                    await session.deliver(assignment)
+                # All at once: a socket that batches sends a claim's assignments in one frame.
+                await asyncio.gather(*(session.deliver(a) for a in claimed))
                 if len(claimed) < CLAIM_BATCH:
                     return  # the store took every run that fit
 
@@ -206,10 +210,10 @@ class WorkerSide:
         that crashes before the commit shows the previous phase until the next report), and
         waiting would hold the worker's next message behind a disk flush four times a run."""
         lease = self._check_fence(run_id, fence, worker_id)
-        record = lease.record.model_copy(
-            update={"phase": phase, "image_digest": image_digest or lease.record.image_digest}
+        record = lease.record.changed(
+            phase=phase, image_digest=image_digest or lease.record.image_digest
         )
-        self._fences[run_id] = replace(lease, record=record)
+        lease.record = record
         self._publish(record)
         self.store.set_phase_later(run_id, fence, worker_id, phase, image_digest).add_done_callback(
             _log_failure

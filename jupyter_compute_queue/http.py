@@ -207,7 +207,10 @@ class HttpClient:
         headers = {"Accept": "application/json"}
         body = None
         if payload is not None:
-            body = json.dumps(payload, ensure_ascii=False).encode()
+            try:
+                body = json.dumps(payload, ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # a lone surrogate: sent escaped, for the host to name
+                body = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
         with self._request(method, path, query=query, headers=headers, body=body) as reply:
             if not 200 <= reply.status < 300:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .argv import Command, command_argv
-from .canonical import canonical_json, integral_numbers
+from .canonical import canonical_json, integral_numbers, lone_surrogate, surrogate_message
 from .job_fields import (
     BuildSpec,
     DataRef,
@@ -264,12 +264,21 @@ def parse_definition(obj: Any) -> JobDefinition:
         return obj
     if not isinstance(obj, Mapping):
         raise InvalidJob("definition", "a job definition must be a JSON object")
+    _refuse_lone_surrogates(obj)
     try:
         return JobDefinition.model_validate(dict(obj))
     except InvalidJob:
         raise
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def _refuse_lone_surrogates(obj: Mapping[str, Any]) -> None:
+    """No id, store or container takes a string with a lone UTF-16 surrogate: InvalidJob
+    naming where it is."""
+    found = lone_surrogate(obj)
+    if found is not None:
+        raise InvalidJob(found[0] or "definition", surrogate_message(found[1]))
 
 
 def _invalid(exc: ValidationError) -> InvalidJob:
@@ -289,10 +298,13 @@ def _invalid(exc: ValidationError) -> InvalidJob:
     return InvalidJob(field, message)
 
 
-def canonical_form(defn: JobDefinition | Mapping[str, Any]) -> dict[str, Any]:
-    """The form whose hash is the job id (SPEC §2)."""
+def canonical_form(
+    defn: JobDefinition | Mapping[str, Any], wire: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The form whose hash is the job id (SPEC §2). ``wire``: the definition's ``wire()``, when
+    the caller has it already (it is changed in place)."""
     parsed = parse_definition(defn)
-    form = parsed.wire()
+    form = parsed.wire() if wire is None else wire
     for path, default in DEFAULTS.items():
         *parents, leaf = path
         node: Any = form
@@ -309,6 +321,6 @@ def canonical_form(defn: JobDefinition | Mapping[str, Any]) -> dict[str, Any]:
     return form  # type: ignore[no-any-return]
 
 
-def job_id(defn: JobDefinition | Mapping[str, Any]) -> str:
-    """Lowercase hex SHA-256 of the canonical form."""
-    return hashlib.sha256(canonical_json(canonical_form(defn))).hexdigest()
+def job_id(defn: JobDefinition | Mapping[str, Any], wire: dict[str, Any] | None = None) -> str:
+    """Lowercase hex SHA-256 of the canonical form (``wire`` as for :func:`canonical_form`)."""
+    return hashlib.sha256(canonical_json(canonical_form(defn, wire))).hexdigest()

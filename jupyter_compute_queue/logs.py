@@ -215,6 +215,8 @@ class LogStore:
         self._max_open = max_open
         self._runs: OrderedDict[str, _Run] = OrderedDict()  # LRU of writer state + handles
         self._lock = threading.Lock()
+        #: Runs this process made that have no log yet (see ``fresh``).
+        self._fresh: set[str] = set()
 
     def append(
         self, run_id: str, stream: LogStream | str, data: str | bytes, t_ms: int | None = None
@@ -231,6 +233,7 @@ class LogStore:
         # Validate the whole batch before writing so a bad item leaves nothing half-appended.
         batch = [(_check_stream(s), *_encode(d), now if t is None else t) for s, d, t in items]
         with self._lock:
+            self._fresh.discard(run_id)
             run = self._state(run_id)
             try:
                 self._write_batch(run, batch)
@@ -309,7 +312,16 @@ class LogStore:
         """The run's uncut stream length (logBytes); 0 for an unknown run."""
         _check_run_id(run_id)
         with self._lock:
-            return self._state(run_id).length
+            run = self._runs.get(run_id)
+            if run is not None:
+                return run.length
+            return 0 if run_id in self._fresh else self._state(run_id).length
+
+    def fresh(self, run_id: str) -> None:
+        """A run id this process just made: no log, so until an append (or ``close``) ``size``
+        says 0 without asking the disk, a stat per run's result (benchmarks/RESULTS.md)."""
+        with self._lock:
+            self._fresh.add(run_id)
 
     def read_records(
         self, run_id: str, since: int = 0, max_bytes: int | None = None
@@ -379,6 +391,7 @@ class LogStore:
         _check_run_id(run_id)
         with self._lock:
             self._forget(run_id)
+            self._fresh.discard(run_id)
             path = self._root / run_id[:2] / run_id
             shutil.rmtree(path, ignore_errors=True)
             with suppress(OSError):  # only succeeds once no other run shares the prefix folder
@@ -391,6 +404,10 @@ class LogStore:
         with self._lock:
             for rid in list(self._runs) if run_id is None else [run_id]:
                 self._forget(rid)
+            if run_id is None:
+                self._fresh.clear()
+            else:
+                self._fresh.discard(run_id)
 
     def _forget(self, run_id: str) -> None:
         run = self._runs.pop(run_id, None)

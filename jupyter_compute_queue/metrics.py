@@ -92,6 +92,9 @@ class QueueStats:
         """A run's new state; a finish is counted once, for a run this service saw active."""
         self.touch(record.queue)
         if not record.finished:
+            active = self.active.get(record.run_id)
+            if active is not None and active.state is record.state:
+                return  # a phase or a holder: nothing counted here changed
             queued = record.queued_at.timestamp() if record.queued_at else self.clock()
             self.active[record.run_id] = _Active(record.queue, record.state, queued)
             return

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from . import metrics
@@ -218,7 +217,7 @@ class QueueService(WorkerSide, Submissions):
         """A running run's logBytes come from its log file, not from the store."""
         if record.state is RunState.FINISHED:
             return record
-        return record.model_copy(update={"log_bytes": self.logs.size(record.run_id)})
+        return record.changed(log_bytes=self.logs.size(record.run_id))
 
     # --- cancel and forget ------------------------------------------------------------------
 
@@ -265,11 +264,12 @@ class QueueService(WorkerSide, Submissions):
     def _publish(self, record: RunRecord) -> None:
         lease = self._fences.get(record.run_id)
         if lease is not None and record.state is RunState.RUNNING:
-            self._fences[record.run_id] = replace(lease, record=record)  # e.g. a new holder
+            lease.record = record  # e.g. a new holder
         self.stats.run_changed(record)
         if record.finished:
             self.callbacks.run_finished()
             self.secrets.drop(record.run_id)
+            self.logs.close(record.run_id)  # nothing more is appended (its fence is gone)
         self.bus.publish(RunChanged(record))
 
     @property

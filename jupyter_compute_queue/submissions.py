@@ -8,6 +8,7 @@ no HTTP.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from .blobs import BlobStore
 from .callbacks import CallbackSender, check_callbacks
 from .canonical import canonical_json
 from .jobs import InvalidJob, JobDefinition, job_id, parse_definition
+from .logs import LogStore
 from .metrics import QueueStats
 from .runs import DEFAULT_NAMESPACE, RunRecord
 from .secrets import SecretBox, check_values
@@ -34,6 +36,7 @@ class Submissions:
     stats: QueueStats
     callbacks: CallbackSender
     secrets: SecretBox
+    logs: LogStore
     # Defined by the service and its worker side: the access check, the announcement of
     # changed runs, pushing a queue's runs to its workers, reading a job, and whether a blob
     # is stored with the bytes its key names.
@@ -60,6 +63,8 @@ class Submissions:
         for (_, values), result in zip(checked, results, strict=True):
             if result.outcome != "cached":
                 self.secrets.keep(result.record.run_id, values)
+            if result.outcome == "new":
+                self.logs.fresh(result.record.run_id)
         for result in results:
             self.stats.submitted(queue, result.outcome)
             if result.outcome != "cached":
@@ -105,10 +110,13 @@ class Submissions:
             secrets = check_values(envelope.get("secrets"), definition.secrets)
         except ValueError as exc:
             raise BadRequest(f"{where}{exc}") from None
+        wire = definition.wire()
+        stored = json.dumps(wire, ensure_ascii=False)  # before job_id, which changes wire
         request = SubmitRequest(
             queue=queue,
             definition=definition,
-            job_id=job_id(definition),
+            job_id=job_id(definition, wire),
+            stored=stored,
             namespace=str(namespace),
             rerun=rerun,
             cache_any_queue=self.config.cache_scope == "host" and not self.policy.public,

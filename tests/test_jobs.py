@@ -658,7 +658,8 @@ jobs = st.builds(
     ),
     env=st.dictionaries(
         st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True),
-        st.text(st.characters(exclude_characters="\x00"), max_size=8),  # NUL: refused
+        # NUL and lone surrogates are refused (test_lone_surrogates_are_refused_naming_where)
+        st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8),
         max_size=3,
     ).map(lambda d: tuple(sorted(d.items()))),
     inputs=st.dictionaries(paths, st.binary(max_size=16), max_size=3).map(
@@ -1030,3 +1031,22 @@ def test_secret_order_and_duplicates_do_not_change_the_id(
         else st.just([])
     )
     assert job_id({"image": IMAGE, "secrets": other}) == job_id({"image": IMAGE, "secrets": names})
+
+
+@pytest.mark.parametrize(
+    ("definition", "field"),
+    [
+        ({"image": "x", "env": {"A": "a\ud800"}}, "env.A"),
+        ({"image": "x", "env": {"\udc00": "v"}}, "env"),
+        ({"image": "x", "command": ["echo", "\udbff"]}, "command[1]"),
+        ({"image": "x", "inputs": {"a": {"type": "utf8", "value": "\ud800"}}}, "inputs.a.value"),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_where(definition: dict[str, Any], field: str) -> None:
+    """A lone UTF-16 surrogate (json reads ``"\\ud800"`` into one) is no text: no id could be
+    taken of it. A surrogate pair is a character like any other."""
+    with pytest.raises(InvalidJob, match="lone UTF-16 surrogate") as refused:
+        parse_definition(definition)
+    assert refused.value.field == field
+    fine = parse_definition({"image": "x", "env": {"A": json.loads('"\\ud83d\\ude00"')}})
+    assert job_id(fine) == job_id({"image": "x", "env": {"A": "\U0001f600"}})

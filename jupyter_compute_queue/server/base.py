@@ -18,6 +18,7 @@ from tornado import web
 
 from ..access import ANONYMOUS, Identity, worker_identity
 from ..blobs.base import BlobError, BlobHashMismatch, BlobNotFound, BlobTooLarge, InvalidBlobKey
+from ..canonical import lone_surrogate, surrogate_message
 from ..limits import TooManyRequests
 from ..service import Forbidden, QueueService, ServiceError
 from ..store.base import Conflict, NotFound
@@ -80,6 +81,24 @@ def json_depth_over(value: Any, limit: int) -> bool:
             children = node.values() if isinstance(node, dict) else node
             stack.extend((child, depth + 1) for child in children)
     return False
+
+
+#: A JSON escape of a UTF-16 surrogate (``\\ud800`` to ``\\udfff``): the only way text can hold a
+#: lone one (UTF-8 cannot encode it), so the only texts worth walking for one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def surrogate_error(raw: str | bytes, value: Any) -> str | None:
+    """What is wrong if ``value``, parsed from ``raw``, holds a lone UTF-16 surrogate (where,
+    and which): SQLite, job ids and answers would all fail on it later. None if it holds none."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if "\\u" not in text or not _SURROGATE_ESCAPE.search(text):
+        return None
+    found = lone_surrogate(value)
+    if found is None:
+        return None
+    where, code = found
+    return f"{where or 'the body'}: {surrogate_message(code)}"
 
 
 if TYPE_CHECKING:
@@ -212,6 +231,9 @@ class BaseHandler(CallerMixin, ExtensionHandlerMixin, APIHandler):
             raise web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
         if json_depth_over(value, MAX_JSON_DEPTH):
             raise web.HTTPError(400, too_deep)
+        bad = surrogate_error(self.request.body or b"", value)
+        if bad is not None:
+            raise web.HTTPError(400, bad)
         return value
 
     def finish(self, *args: Any, **kwargs: Any) -> Any:

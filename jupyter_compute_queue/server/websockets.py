@@ -21,18 +21,15 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from ..access import ANONYMOUS, Action
 from ..events import LogsAppended, Overflow, RunChanged, Subscription, WorkerChanged
 from ..jobs import check_path
+from ..outbox import Outbox, dumps, loads
 from ..runs import OutputRef, Phase, Reason, RunState
-from ..service import ServiceError
-from ..store.base import Assignment, Capacity, Conflict, Held, NotFound, Outcome, WorkerInfo
-from .base import CallerMixin, allow_unauthenticated
+from ..store.base import Assignment, Capacity, Held, Outcome, WorkerInfo
+from .base import CallerMixin, allow_unauthenticated, surrogate_error
+from .worker_batch import ProtocolError, accepted, handle_batch, refusal
 
 PROTOCOL = 1
 #: Log records per message are cut at about this many bytes of text.
 LOG_CHUNK = 256 * 1024
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol; its text goes back to the peer."""
 
 
 def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -66,18 +63,21 @@ class SocketBase(
     async def send(self, message: dict[str, Any]) -> None:
         """Send one envelope, waiting until it is flushed (so a slow peer slows only itself)."""
         with contextlib.suppress(WebSocketClosedError):  # the peer left; on_close cleans up
-            await self.write_message(json.dumps(message, ensure_ascii=False))
+            await self.write_message(_dumps(message))
 
     async def refuse(self, error: str, ref: Any = None) -> None:
         await self.send({"type": "error", "error": error, **({"ref": ref} if ref else {})})
 
     def parse(self, message: str | bytes) -> dict[str, Any]:
         try:
-            msg = json.loads(message)
+            msg = loads(message)  # json's reading and errors, mostly at orjson's speed
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ProtocolError(f"not JSON: {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError('every message is a JSON object with a "type"')
+        bad = surrogate_error(message, msg)
+        if bad is not None:
+            raise ProtocolError(bad)
         return msg
 
 
@@ -199,6 +199,8 @@ class WorkerSocket(SocketBase):
 
     worker_id: str | None = None
     _graceful = False
+    #: Once the worker said it takes batches: what this socket sends leaves batched.
+    _outbox: Outbox | None = None
 
     @allow_unauthenticated
     async def get(self) -> None:
@@ -208,26 +210,31 @@ class WorkerSocket(SocketBase):
         await super().get()
 
     async def on_message(self, message: str | bytes) -> None:
-        msg: dict[str, Any] = {}
         try:
             msg = self.parse(message)
+        except ProtocolError as exc:
+            await self.refuse(str(exc))
+            return
+        answer = await self.handle(msg)
+        if answer is not None:
+            await self.send(answer)
+
+    async def handle(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Act on one message. Its answers are sent by its handler, except a refusal, which is
+        returned (a batch sends it after the answers it still owes: see worker_batch.py)."""
+        try:
             handler = getattr(self, "_on_" + msg["type"].replace("-", "_"), None)
             if handler is None:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
             if msg["type"] != "register" and self.worker_id is None:
                 raise ProtocolError("register first")
             await handler(msg)
-        except Conflict as exc:
-            await self.send(
-                {
-                    "type": "conflict",
-                    "runId": msg.get("runId"),
-                    "fence": msg.get("fence"),
-                    "error": str(exc),
-                }
-            )
-        except (ProtocolError, ServiceError, NotFound, ValueError) as exc:
-            await self.refuse(str(exc), msg.get("type"))
+        except Exception as exc:
+            answer = refusal(exc, msg)
+            if answer is None:
+                raise
+            return answer
+        return None
 
     async def _on_register(self, msg: dict[str, Any]) -> None:
         if field(msg, "protocol", int) != PROTOCOL:
@@ -252,10 +259,14 @@ class WorkerSocket(SocketBase):
         ]
         if self.worker_id is not None and self.worker_id != info.worker_id:
             raise ProtocolError("register: one socket serves one worker id")
+        takes_batches = field(msg, "batch", bool, False)
         kept = await self.service.connect_worker(
             self.identity, info, held, self._deliver, self._stop, owner=self
         )
         self.worker_id = info.worker_id
+        if takes_batches and self._outbox is None:
+            self._outbox = Outbox(self.write_message, _fast_dumps)
+            self._outbox.batches = True
         lease = self.service.config.lease_seconds
         await self.send(
             {
@@ -263,8 +274,27 @@ class WorkerSocket(SocketBase):
                 "leaseSeconds": lease,
                 "heartbeatSeconds": lease / 6,
                 "kept": [{"runId": h.run_id, "fence": h.fence} for h in kept],
+                "batch": True,  # this host takes `batch` messages
             }
         )
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._outbox is not None:  # False when the peer left: on_close cleans up
+            await self._outbox.send(message)
+            return
+        with contextlib.suppress(WebSocketClosedError):
+            await self.write_message(_fast_dumps(message))
+
+    async def send_all(self, messages: list[dict[str, Any]]) -> None:
+        """Send several messages in order (in one frame to a worker that takes batches)."""
+        if self._outbox is not None:
+            await self._outbox.send_all(messages)
+        else:
+            for message in messages:
+                await self.send(message)
+
+    async def _on_batch(self, msg: dict[str, Any]) -> None:
+        await handle_batch(self, field(msg, "messages", list))
 
     async def _on_capacity(self, msg: dict[str, Any]) -> None:
         assert self.worker_id is not None
@@ -306,6 +336,12 @@ class WorkerSocket(SocketBase):
 
     async def _on_result(self, msg: dict[str, Any]) -> None:
         assert self.worker_id is not None
+        run_id, fence, outcome = self.result_of(msg)
+        record = await self.service.finish(self.worker_id, run_id, fence, outcome)
+        await self.send(accepted(run_id, fence, record))
+
+    def result_of(self, msg: dict[str, Any]) -> tuple[str, int, Outcome]:
+        """A ``result`` message's run, fence and outcome; ProtocolError if it is malformed."""
         try:
             reason = Reason(field(msg, "reason", str))
             outputs = {
@@ -326,9 +362,7 @@ class WorkerSocket(SocketBase):
             outputs=outputs,
             image_digest=field(msg, "imageDigest", str, None),
         )
-        run_id, fence = field(msg, "runId", str), field(msg, "fence", int)
-        record = await self.service.finish(self.worker_id, run_id, fence, outcome)
-        await self.send({"type": "accepted", "runId": run_id, "fence": fence, "run": record.wire()})
+        return field(msg, "runId", str), field(msg, "fence", int), outcome
 
     async def _on_give_back(self, msg: dict[str, Any]) -> None:
         assert self.worker_id is not None
@@ -406,3 +440,12 @@ def _refs(definition: dict[str, Any]) -> list[dict[str, Any]]:
         for ref in (definition.get(name) or {}).values()
         if isinstance(ref, dict)
     ]
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, ensure_ascii=False)
+
+
+def _fast_dumps(message: dict[str, Any]) -> str | bytes:
+    """For the worker socket: its messages only go to our worker, which reads any spelling."""
+    return dumps(message, ensure_ascii=False)

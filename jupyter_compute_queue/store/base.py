@@ -49,6 +49,9 @@ class SubmitRequest:
     #: URLs to call: ``{"queued": url, "finished": url}`` (either may be absent), checked by
     #: the service; kept in the same transaction as the submission.
     callbacks: dict[str, str] = field(default_factory=dict)
+    #: The stored form of the definition (JSON of its ``wire()``), when the service made it
+    #: already; else the store makes it.
+    stored: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

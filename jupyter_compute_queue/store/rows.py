@@ -7,7 +7,17 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..runs import OutputRef, Phase, Reason, RunRecord, RunState, WorkerRef, utc
+from ..runs import (
+    ROW_FIELDS,
+    OutputRef,
+    Phase,
+    Reason,
+    RunRecord,
+    RunState,
+    WorkerRef,
+    trusted,
+    utc,
+)
 from .callbacks import run_finished
 
 #: A run that names no cpus counts as one when fitting it into a worker's free capacity.
@@ -24,7 +34,7 @@ RUN_COLUMNS = (
 
 
 def to_record(row: Sequence[Any]) -> RunRecord:
-    """A record from a row selected with RUN_COLUMNS."""
+    """A record from a row selected with RUN_COLUMNS (the store wrote it: no validation)."""
     (
         _seq,
         run_id,
@@ -47,26 +57,46 @@ def to_record(row: Sequence[Any]) -> RunRecord:
         started_at,
         finished_at,
     ) = row
-    return RunRecord(
-        run_id=run_id,
-        job_id=job_id,
-        queue=queue,
-        state=STATES[state],
-        phase=Phase(phase) if phase else None,
-        reason=Reason(reason) if reason else None,
-        exit_code=exit_code,
-        message=message,
-        namespaces=json.loads(namespaces),
-        attempt=attempt,
-        lost_count=lost_count,
-        worker=WorkerRef(id=worker_id, version=worker_version) if worker_id else None,
-        image_digest=image_digest,
-        outputs={p: OutputRef(**o) for p, o in json.loads(outputs).items()} if outputs else {},
-        log_bytes=log_bytes,
-        queued_at=utc(queued_at),
-        started_at=utc(started_at),
-        finished_at=utc(finished_at),
+    return trusted(
+        RunRecord,
+        {
+            "run_id": run_id,
+            "job_id": job_id,
+            "queue": queue,
+            "state": STATES[state],
+            "phase": _PHASES[phase] if phase else None,
+            "reason": _REASONS[reason] if reason else None,
+            "exit_code": exit_code,
+            "message": message,
+            "namespaces": json.loads(namespaces),
+            "attempt": attempt,
+            "lost_count": lost_count,
+            "worker": _worker(worker_id, worker_version) if worker_id else None,
+            "image_digest": image_digest,
+            "cached": False,
+            "outputs": _outputs(outputs) if outputs else {},
+            "log_bytes": log_bytes,
+            "queued_at": utc(queued_at),
+            "started_at": utc(started_at),
+            "finished_at": utc(finished_at),
+        },
+        ROW_FIELDS,
     )
+
+
+_PHASES = {p.value: p for p in Phase}
+_REASONS = {r.value: r for r in Reason}
+
+
+def _worker(worker_id: str, version: str | None) -> WorkerRef:
+    return trusted(WorkerRef, {"id": worker_id, "version": version})
+
+
+def _outputs(text: str) -> dict[str, OutputRef]:
+    return {
+        p: trusted(OutputRef, {"key": o["key"], "size": o["size"]})
+        for p, o in json.loads(text).items()
+    }
 
 
 def fetch_runs(c: sqlite3.Connection, where: str, args: Sequence[Any]) -> list[RunRecord]:
@@ -96,14 +126,21 @@ def set_holders(c: sqlite3.Connection, seq: int, namespaces: list[str]) -> None:
 
 
 def finish_run(
-    c: sqlite3.Connection, seq: int, reason: Reason, message: str | None, now: float
+    c: sqlite3.Connection,
+    seq: int,
+    reason: Reason,
+    message: str | None,
+    now: float,
+    also: str = "",
+    also_args: Sequence[Any] = (),
 ) -> RunRecord:
     """Finish a run for good; a Success becomes the queue's cached result for its job. Its
-    ``finished`` callbacks become due in the same transaction."""
+    ``finished`` callbacks become due in the same transaction. ``also`` sets more columns in
+    the same UPDATE (``", col = ?"``, with ``also_args``): one write of the row, not two."""
     c.execute(
         "UPDATE runs SET state = 2, phase = NULL, reason = ?, message = ?, finished_at = ?,"
-        " accessed_at = ?, cacheable = ? WHERE seq = ?",
-        (reason.value, message, now, now, int(reason is Reason.SUCCESS), seq),
+        f" accessed_at = ?, cacheable = ?{also} WHERE seq = ?",
+        (reason.value, message, now, now, int(reason is Reason.SUCCESS), *also_args, seq),
     )
     record = _fetch(c, seq)
     run_finished(c, seq, record, now)

@@ -52,6 +52,7 @@ from .writes import (
     claim_many,
     claim_one,
     current_seq,
+    fenced,
     forget_cached,
     held_runs,
     submit_one,
@@ -314,31 +315,33 @@ class SqliteStore(CallbackQueries, Store):
         self, run_id: str, fence: int, worker_id: str, outcome: Outcome, now: float
     ) -> Change:
         def tx(c: sqlite3.Connection) -> Change:
-            seq = current_seq(c, run_id, fence, worker_id, running_only=False)
-            state, job_id, queue, rerun = c.execute(
-                "SELECT state, job_id, queue, rerun FROM runs WHERE seq = ?", (seq,)
+            row = c.execute(
+                "SELECT seq, state, attempt, worker_id, reason, job_id, queue, rerun FROM runs"
+                " WHERE run_id = ?",
+                (run_id,),
             ).fetchone()
+            seq = fenced(row, run_id, fence, worker_id, running_only=False)
+            state, job_id, queue, rerun = row[1], row[5], row[6], row[7]
             if state == 2:  # a duplicate, or a result for a run the host already ended
                 return Change(fetch_run(c, "seq = ?", (seq,)), changed=False)  # type: ignore[arg-type]
             outputs = {p: o.model_dump() for p, o in outcome.outputs.items()}
-            c.execute(
-                "UPDATE runs SET outputs = ?, exit_code = ?, log_bytes = ?,"
-                " image_digest = coalesce(?, image_digest) WHERE seq = ?",
-                (
-                    json.dumps(outputs),
-                    outcome.exit_code,
-                    outcome.log_bytes,
-                    outcome.image_digest,
-                    seq,
-                ),
-            )
-            c.executemany(
-                "INSERT OR IGNORE INTO blob_refs (key, owner) VALUES (?, ?)",
-                [(o.key, f"r:{seq}") for o in outcome.outputs.values()],
-            )
+            if outputs:
+                c.executemany(
+                    "INSERT OR IGNORE INTO blob_refs (key, owner) VALUES (?, ?)",
+                    [(o.key, f"r:{seq}") for o in outcome.outputs.values()],
+                )
             if rerun and outcome.reason.value in _JOB_FAILURES:
                 forget_cached(c, queue, job_id)
-            record = finish_run(c, seq, outcome.reason, outcome.message, now)
+            record = finish_run(
+                c,
+                seq,
+                outcome.reason,
+                outcome.message,
+                now,
+                ", outputs = ?, exit_code = ?, log_bytes = ?,"
+                " image_digest = coalesce(?, image_digest)",
+                (json.dumps(outputs), outcome.exit_code, outcome.log_bytes, outcome.image_digest),
+            )
             return Change(record, changed=True)
 
         return await self._engine.write(tx)

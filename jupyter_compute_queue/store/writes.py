@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ..runs import DEFAULT_NAMESPACE, Reason, RunRecord
@@ -22,7 +23,7 @@ from .base import (
     WorkerInfo,
 )
 from .callbacks import add_for_submission
-from .rows import DEFAULT_CPUS, STATES, fetch_run, fetch_runs, finish_run, set_holders
+from .rows import DEFAULT_CPUS, STATES, fetch_run, fetch_runs, finish_run, set_holders, to_record
 
 #: "No limit" for SQL comparisons (SQLite integers are 64-bit).
 UNLIMITED = 2**62
@@ -60,7 +61,7 @@ def _submit_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> Submit
             c.execute("UPDATE runs SET accessed_at = ? WHERE seq = ?", (now, hit[0]))
             record = fetch_run(c, "seq = ?", (hit[0],))
             assert record is not None
-            return SubmitResult(record.model_copy(update={"cached": True}), "cached", released)
+            return SubmitResult(record.changed(cached=True), "cached", released)
     return SubmitResult(_insert_run(c, req, now), "new", released)
 
 
@@ -103,20 +104,27 @@ def _insert_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> RunRec
     c.execute(
         "INSERT INTO jobs (job_id, definition, created_at, accessed_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (job_id) DO UPDATE SET accessed_at = excluded.accessed_at",
-        (req.job_id, json.dumps(defn.wire(), ensure_ascii=False), now, now),
+        (req.job_id, req.stored or json.dumps(defn.wire(), ensure_ascii=False), now, now),
     )
-    c.executemany(
-        "INSERT OR IGNORE INTO blob_refs (key, owner) VALUES (?, ?)",
-        [(key, f"j:{req.job_id}") for key in defn.blob_keys()],
-    )
+    keys = defn.blob_keys()
+    if keys:
+        c.executemany(
+            "INSERT OR IGNORE INTO blob_refs (key, owner) VALUES (?, ?)",
+            [(key, f"j:{req.job_id}") for key in keys],
+        )
+    run_id = uuid.uuid4().hex
+    namespaces = json.dumps([req.namespace])
+    # The run is born with its one holder, and its record is made from what was inserted: no
+    # second write of the row, no read back (what set_holders and fetch_run would do).
     cursor = c.execute(
         "INSERT INTO runs (run_id, job_id, queue, state, namespaces, rerun, req_cpus, req_memory,"
         " req_gpus, max_duration, tags, queued_at, accessed_at)"
-        " VALUES (?, ?, ?, 0, '[]', ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            uuid.uuid4().hex,
+            run_id,
             req.job_id,
             req.queue,
+            namespaces,
             int(req.rerun),
             defn.cpus if defn.cpus is not None else DEFAULT_CPUS,
             defn.memory or 0,
@@ -129,8 +137,10 @@ def _insert_run(c: sqlite3.Connection, req: SubmitRequest, now: float) -> RunRec
     )
     seq = cursor.lastrowid
     assert seq is not None
-    set_holders(c, seq, [req.namespace])
-    return fetch_run(c, "seq = ?", (seq,))  # type: ignore[return-value]
+    c.execute("INSERT INTO holders (namespace, seq) VALUES (?, ?)", (req.namespace, seq))
+    # In RUN_COLUMNS' order: a queued run, nothing set yet but its holder and queued_at.
+    row = (seq, run_id, req.job_id, req.queue, 0, None, None, None, None, namespaces, 0, 0)
+    return to_record((*row, None, None, None, None, 0, now, None, None))
 
 
 def claim_one(
@@ -255,9 +265,16 @@ def current_seq(
     row = c.execute(
         "SELECT seq, state, attempt, worker_id, reason FROM runs WHERE run_id = ?", (run_id,)
     ).fetchone()
+    return fenced(row, run_id, fence, worker_id, running_only=running_only)
+
+
+def fenced(
+    row: Sequence[Any] | None, run_id: str, fence: int, worker_id: str, *, running_only: bool
+) -> int:
+    """:func:`current_seq` for a row that starts ``seq, state, attempt, worker_id, reason``."""
     if row is None:
         raise NotFound(f"run {run_id} does not exist")
-    seq, state, attempt, holder, reason = row
+    seq, state, attempt, holder, reason = row[:5]
     if attempt != fence or holder != worker_id or state == 0:
         raise Conflict(
             f"run {run_id} is no longer yours: it is at fence {attempt} "

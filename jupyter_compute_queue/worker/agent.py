@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -20,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from .. import __version__
 from ..jobs import JobDefinition, parse_definition
+from ..outbox import Outbox, abort, loads
 from ..runs import Phase, Reason
 from ..secrets import Redactor, missing_message, resolve
 from ..store.rows import DEFAULT_CPUS
@@ -90,6 +90,7 @@ class Agent:
         self.runner = runner
         self.active: dict[str, _Active] = {}
         self._conn: WebSocketClientConnection | None = None
+        self._outbox: Outbox | None = None  # the connection's, while there is one
         self._lease_seconds = 30.0
         self._acked = time.monotonic()
         self._sent: list[float] = []  # when each unanswered heartbeat left, oldest first
@@ -163,7 +164,7 @@ class Agent:
         return conn
 
     async def _serve(self, conn: WebSocketClientConnection) -> None:
-        self._conn = conn
+        self._conn, self._outbox = conn, Outbox(conn.write_message)
         held = [{"runId": a.run.run_id, "fence": a.run.fence} for a in self.active.values()]
         total = self.resources.total
         self._registered_at = time.monotonic()
@@ -178,6 +179,7 @@ class Agent:
                 "maxDuration": self.options.max_job_duration,
                 "capacity": {"cpus": total.cpus, "memory": total.memory, "gpus": total.gpus},
                 "held": held,
+                "batch": True,  # it takes the host's messages in `batch` messages too
             }
         )
         heartbeat: asyncio.Task[None] | None = None
@@ -186,25 +188,25 @@ class Agent:
                 raw = await conn.read_message()
                 if raw is None:
                     break
-                message = json.loads(raw)
-                if message.get("type") == "registered":
-                    heartbeat = asyncio.ensure_future(self._heartbeats(message["heartbeatSeconds"]))
-                await self._on_message(message)
+                message = loads(raw)
+                batch = message["messages"] if message.get("type") == "batch" else [message]
+                for message in batch:
+                    if message.get("type") == "registered":
+                        self._outbox.batches = bool(message.get("batch"))
+                        interval = message["heartbeatSeconds"]
+                        heartbeat = asyncio.ensure_future(self._heartbeats(interval))
+                    await self._on_message(message)
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
-            self._conn = None
+            self._conn = self._outbox = None
             conn.close()  # already closed, unless a FatalError ends the connection
 
     async def send(self, message: dict[str, Any]) -> bool:
-        """Send if connected; False when the message could not go (the caller may keep it)."""
-        if self._conn is None:
-            return False
-        try:
-            await self._conn.write_message(json.dumps(message))
-            return True
-        except WebSocketClosedError:
-            return False
+        """Send if connected; False when the message could not go (the caller may keep it).
+        The messages of one turn of the loop leave together (see :mod:`.outbox`)."""
+        outbox = self._outbox
+        return False if outbox is None else await outbox.send(message)
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -237,7 +239,7 @@ class Agent:
                     "compute-queue worker: the host answered nothing for %.0fs; reconnecting",
                     now - max(self._acked, self._registered_at),
                 )
-                _abort(conn)
+                abort(conn)
 
     # --- messages from the host -----------------------------------------------------------
 
@@ -569,16 +571,6 @@ class Agent:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _abort(conn: WebSocketClientConnection) -> None:
-    """Close a connection at once: a closing handshake would wait for a peer that is not
-    answering. Its reader then gets None, as after any close."""
-    stream = conn.protocol.stream if conn.protocol is not None else None
-    if stream is not None:
-        stream.close()
-    else:
-        conn.close()
 
 
 def _needs(definition: JobDefinition) -> tuple[float, int, int]:

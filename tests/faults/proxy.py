@@ -146,13 +146,14 @@ class Proxy:
     def received(
         self, direction: Direction, kind: str | None = None, since: float = 0.0
     ) -> list[Any]:
-        """The tapped messages of one direction (of one ``type``), crossed at or after ``since``."""
+        """The tapped messages of one direction (of one ``type``), crossed at or after ``since``;
+        the messages of a ``batch`` frame (docs/protocol.md, "Batches") one by one."""
         return [
-            m.data
+            data
             for m in self.messages
-            if m.direction == direction
-            and m.at >= since
-            and (kind is None or (isinstance(m.data, dict) and m.data.get("type") == kind))
+            if m.direction == direction and m.at >= since
+            for data in _unbatched(m.data)
+            if kind is None or (isinstance(data, dict) and data.get("type") == kind)
         ]
 
     async def close(self) -> None:
@@ -223,3 +224,9 @@ class Proxy:
             except ValueError:
                 data = text.decode(errors="replace")
             self.messages.append(Message(connection.number, direction, now, data))
+
+
+def _unbatched(data: Any) -> list[Any]:
+    if isinstance(data, dict) and data.get("type") == "batch":
+        return list(data.get("messages") or [])
+    return [data]

@@ -159,6 +159,9 @@ async def test_a_body_nested_too_deep_is_400(fetch: Fetch, depth: int) -> None:
         ('{"image": "x", "requirements": {"cpus": 1' + "0" * 400 + "}}", "cpus"),
         ('{"image": "x"', "not valid JSON"),
         ("\xff", "not valid JSON"),
+        # Python's json reads a lone surrogate escape into a string no encoder takes.
+        ('{"image": "x", "env": {"A": "a\\ud800"}}', "lone UTF-16 surrogate (\\ud800"),
+        ('{"job": {"image": "x"}, "namespace": "\\udfff"}', "lone UTF-16 surrogate (\\udfff"),
     ],
 )
 async def test_numbers_json_cannot_hold_are_400(fetch: Fetch, text: str, what: str) -> None:
@@ -470,6 +473,7 @@ async def test_malformed_messages_on_the_worker_socket(fetch: Fetch, jp_ws_fetch
         ({"type": "logs", "runId": "r", "fence": 1, "frames": "x"}, "'frames'"),
         ({"type": "logs", "runId": "r", "fence": 1, "frames": [5]}, "every frame"),
         ({"type": "phase", "runId": "r", "fence": 1, "phase": "dancing"}, "phase: one of"),
+        ({"type": "phase", "runId": "r\ud800", "fence": 1, "phase": "running"}, "surrogate"),
     ]:
         await raw.send(junk)
         assert words in (await raw.expect("error"))["error"], junk

@@ -444,6 +444,13 @@ async def test_errors_carry_the_hosts_message(
     assert refused.value.message == body(host)["error"] and "bogus" in refused.value.message
     assert refused.value.message in str(refused.value)
 
+    # A lone surrogate (no UTF-8 encoder takes it) still reaches the host, which names it.
+    with pytest.raises(
+        ComputeQueueError, match=r"definition\.env\.A: holds a lone UTF-16 surrogate"
+    ) as surrogate:
+        await run(client.submit, busybox("true", env={"A": "\ud800"}))
+    assert surrogate.value.status == 400
+
     with pytest.raises(ComputeQueueError) as bad_queue:
         await run(client.submit, busybox("true"), "not a queue!")
     assert bad_queue.value.status == 400 and "not a queue!" in bad_queue.value.message
