@@ -199,9 +199,11 @@ async def test_a_busy_job_gets_its_cpu_quota_and_no_more(
     got = values(logs)
     # At most the quota (a period's slack); other load on the machine can only lower it.
     assert float(got["ratio"]) <= 0.6, logs
-    # Up to 20 periods of 100 ms were cut short; fewer when other load left the job short of
-    # its quota anyway, but some always are.
-    assert int(got["throttled"]) >= 1, logs
+    # Up to 20 periods of 100 ms were cut short. A job that got close to its quota was cut
+    # short in some; one that the machine's other load kept well under it never reached it
+    # (seen at load 13 on 2 cores: ratio 0.13, none throttled), so there is nothing to see.
+    if float(got["ratio"]) >= 0.35:
+        assert int(got["throttled"]) >= 1, logs
 
 
 async def test_output_cap(fetch: Fetch, start_worker: StartWorker, test_images: Any) -> None:
