@@ -122,14 +122,8 @@ class Host:
         return rss_bytes(self.pid)
 
     async def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self.process.wait, 30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            await asyncio.to_thread(self.process.wait)
+        if self.process is not None:
+            await stop_process(self.process)
 
     async def __aenter__(self) -> Host:
         return await self.start()

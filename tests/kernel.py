@@ -8,11 +8,12 @@ test keeps serving on the test's loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,16 @@ class Kernel:
     def close(self) -> None:
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)
+
+
+@contextlib.contextmanager
+def magic_kernel(cwd: Path) -> Iterator[Kernel]:
+    """A kernel in ``cwd`` with the extension loaded, showing the magic's output as plain text
+    (no front end shows widgets in these tests)."""
+    kernel = Kernel(cwd, env={"COMPUTE_QUEUE_DISPLAY": "text"})
+    try:
+        ready = kernel.run("%load_ext jupyter_compute_queue")
+        assert ready.ok, ready
+        yield kernel
+    finally:
+        kernel.close()

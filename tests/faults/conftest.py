@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.host import Http
-from tests.docker_env import ImageNames, docker_client, in_ci, missing
+from benchmarks.host import Http, stop_process
+from tests.docker_env import ImageNames, docker_client, free_loopback_port, in_ci, missing
 from tests.worker.conftest import *  # noqa: F403 - the host fixtures (jp_*, fetch, cq_config …)
 from tests.worker.conftest import JUPYTER, Fetch, body, remove_containers
 
@@ -186,12 +185,6 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
 HOST_TOKEN = "faults-token"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class ServedHost:
     """``jupyter compute-queue serve`` on one loopback port and one data dir, both kept when
     the process is killed and started again."""
@@ -199,7 +192,7 @@ class ServedHost:
     def __init__(self, data_dir: Path, *config: str) -> None:
         self.data_dir = data_dir
         self.config = config
-        self.port = free_port()
+        self.port = free_loopback_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -252,14 +245,8 @@ class ServedHost:
         await asyncio.to_thread(self.process.wait, 30)
 
     async def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self.process.wait, 30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            await asyncio.to_thread(self.process.wait)
+        if self.process is not None:
+            await stop_process(self.process)
 
 
 class HttpClient(Http):

@@ -45,6 +45,7 @@ from jupyter_compute_queue.client import (
 )
 from jupyter_compute_queue.jobs import job_id, parse_definition
 from jupyter_compute_queue.worker.docker_runner import LABEL_WORKER
+from tests.docker_env import free_loopback_port
 
 from .conftest import Fetch, StartWorker, body
 
@@ -719,12 +720,6 @@ ONLY_THE_EXTENSION = {
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class JupyterServer:
     """A real ``python -m jupyter_server`` with the extension (no local worker), its own token,
@@ -736,7 +731,7 @@ class JupyterServer:
     home: Path
     base_url: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_loopback_port)
     process: subprocess.Popen[bytes] | None = None
     kernels: list[str] = field(default_factory=list)
 

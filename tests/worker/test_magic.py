@@ -17,7 +17,7 @@ import pytest
 
 from jupyter_compute_queue.magic import PARSER
 
-from ..kernel import CellRun, Kernel
+from ..kernel import CellRun, Kernel, magic_kernel
 from .conftest import Fetch, StartWorker, body, unique_id
 
 BUSYBOX = "-q q -i cq-test/busybox:1"
@@ -27,11 +27,8 @@ BUSYBOX = "-q q -i cq-test/busybox:1"
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
     # Plain text: no front end shows widgets here (test_the_widget_falls_back_to_text checks
     # the default, which waits for one first).
-    k = Kernel(tmp_path_factory.mktemp("kernel"), env={"COMPUTE_QUEUE_DISPLAY": "text"})
-    ready = k.run("%load_ext jupyter_compute_queue")
-    assert ready.ok, ready
-    yield k
-    k.close()
+    with magic_kernel(tmp_path_factory.mktemp("kernel")) as k:
+        yield k
 
 
 @pytest.fixture

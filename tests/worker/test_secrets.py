@@ -29,7 +29,7 @@ from jupyter_compute_queue.secrets import (
 )
 from jupyter_compute_queue.service import QueueService
 
-from ..kernel import CellRun, Kernel
+from ..kernel import CellRun, Kernel, magic_kernel
 from .conftest import Fetch, StartWorker, body, submit, unique_id, wait_result
 
 BUSYBOX = "cq-test/busybox:1"
@@ -327,11 +327,8 @@ async def test_cli_secret_from_the_environment(
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    k = Kernel(tmp_path_factory.mktemp("kernel"), env={"COMPUTE_QUEUE_DISPLAY": "text"})
-    ready = k.run("%load_ext jupyter_compute_queue")
-    assert ready.ok, ready
-    yield k
-    k.close()
+    with magic_kernel(tmp_path_factory.mktemp("kernel")) as k:
+        yield k
 
 
 async def cell(kernel: Kernel, code: str) -> CellRun:
