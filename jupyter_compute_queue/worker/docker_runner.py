@@ -11,7 +11,6 @@ import codecs
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from ..jobs import JobDefinition, command_argv
 from ..runs import OutputRef, Phase, Reason
 from . import engine_copy
 from .disk import DiskMeter, over_caps
-from .egress import Allowed, Egress, EgressUnavailable, needed_by_jobs
+from .egress import Allowed
 from .fetch_policy import FetchPolicy, FetchRefused, input_refusal
 from .images import ImageError, build_image, ensure_image
+from .job_network import JobNetwork
 from .prepare import RunFolder, job_cache, output_files, prepare
 from .resources import cuda_visible_devices, docker_device_request
 from .runtime import Logs, Phases, Run, RunResult, RuntimeLost
@@ -99,9 +99,16 @@ class DockerRunner:
         self._stopping: dict[str, str] = {}  # run id → why it is being stopped
         self._containers: dict[str, Any] = {}
         self._cleaning: set[asyncio.Future[None]] = set()  # removals of finished runs
-        self._network: str | None = None
-        self._network_lock = threading.Lock()
-        self.egress = Egress(config.worker_id, config.iptables)
+        self.network = JobNetwork(
+            client,
+            config.worker_id,
+            config.network,
+            {LABEL_WORKER: config.worker_id},
+            host_api,
+            config.allow_egress,
+            config.iptables,
+        )
+        self.egress = self.network.egress
 
     async def run(self, run: Run, phase: Phases, log: Logs) -> RunResult:
         """Run to the end; never raises for the job's own failures (they are results)."""
@@ -179,8 +186,7 @@ class DockerRunner:
             if await asyncio.to_thread(self._answers):
                 break
             await asyncio.sleep(ENGINE_POLL_SECONDS)
-        with self._network_lock:
-            self._network = None
+        self.network.forget()
 
     def _answers(self) -> bool:
         try:
@@ -194,24 +200,9 @@ class DockerRunner:
         network left behind by every worker that ever ran would soon stop all containers."""
         while self._cleaning:
             await asyncio.wait(set(self._cleaning))
-        with self._network_lock:
-            name, self._network = self._network, None
+        name = self.network.take()
         if name is not None and not self._containers:
-            await asyncio.to_thread(self._remove_network, name)
-
-    def _remove_network(self, name: str) -> None:
-        for attempt in range(10):
-            try:
-                for network in self.client.networks.list(names=[name]):
-                    if network.name == name:  # the name filter also matches longer names
-                        network.remove()
-                # Only once the network is gone: a container that outlived its run keeps them.
-                self.egress.remove()
-                return
-            except Exception as exc:  # the engine may still release a removed container's
-                if attempt == 9:  # endpoint; else in use (a container outlived its run)
-                    logger.warning("compute-queue worker: network %s left behind: %s", name, exc)
-                time.sleep(0.2)
+            await asyncio.to_thread(self.network.remove, name)
 
     def _clean_later(self, container: Any, folder: RunFolder | None) -> None:
         if container is None and folder is None:
@@ -313,79 +304,10 @@ class DockerRunner:
             cap_drop=["NET_RAW"],
             privileged=False,
             user=f"{os.getuid()}:{os.getgid()}" if cfg.container_user == "worker" else None,
-            network=self._network_name() if cfg.network != "none" else None,
+            network=self.network.name() if cfg.network != "none" else None,
             network_mode="none" if cfg.network == "none" else None,
             device_requests=[docker_device_request(gpus)] if gpus else None,
             detach=True,
-        )
-
-    def _network_name(self) -> str:
-        """The worker's own bridge network, made once: no traffic between its containers, and
-        with ``internal`` no route out at all."""
-        # Runs create containers from several threads at once, and the engine accepts two
-        # networks of one name (which then makes every container start fail as ambiguous).
-        with self._network_lock:
-            if self._network is None:
-                internal = self.config.network == "internal"
-                name = f"compute-queue-{self.config.worker_id}{'-internal' if internal else ''}"
-                # The engine's name filter also matches longer names ("…-w1" finds "…-w10").
-                found = [n for n in self.client.networks.list(names=[name]) if n.name == name]
-                network = (
-                    found[0]
-                    if found
-                    else self.client.networks.create(
-                        name,
-                        driver="bridge",
-                        internal=internal,
-                        check_duplicate=True,
-                        options={"com.docker.network.bridge.enable_icc": "false"},
-                        labels={LABEL_WORKER: self.config.worker_id},
-                    )
-                )
-                self._restrict_egress(name, network)
-                self._network = name
-            return self._network
-
-    def _restrict_egress(self, name: str, network: Any) -> None:
-        """Install the worker's egress rules for its network (replacing a crashed process's),
-        or warn, once, saying what jobs can reach and how to close it. Never raises: jobs run
-        either way."""
-        attrs: dict[str, Any] = getattr(network, "attrs", None) or {}
-        gateway = ((attrs.get("IPAM") or {}).get("Config") or [{}])[0].get("Gateway", "?")
-        options = attrs.get("Options") or {}
-        interface = options.get("com.docker.network.bridge.name") or (
-            f"br-{attrs['Id'][:12]}" if attrs.get("Id") else None
-        )
-        allowed = [*self.config.allow_egress, *needed_by_jobs(self.host_api)]
-        try:
-            if interface is None:
-                raise EgressUnavailable("the engine did not say which bridge the network uses")
-            self.egress.install(interface, allowed)
-            logger.info(
-                "compute-queue worker: jobs on network %s cannot reach this machine, its LAN or"
-                " private and link-local addresses (iptables chains %s, %s); allowed: %s",
-                name,
-                self.egress.forward_chain,
-                self.egress.input_chain,
-                ", ".join(map(str, allowed)) or "nothing",
-            )
-            return
-        except EgressUnavailable as exc:
-            why = str(exc)
-        reach = f"this machine's own services (through the gateway {gateway} or any address of it)"
-        others = "--network none (no network at all)"
-        if self.config.network == "bridge":
-            reach += ", its LAN, and private and link-local addresses like 169.254.169.254"
-            others = f"--network internal (no route off this machine) or {others}"
-        logger.warning(
-            "compute-queue worker: jobs on network %s can reach %s: the worker cannot refuse"
-            " that traffic because %s. Run the worker as root where the Docker engine manages"
-            " iptables (the worker then adds its rules to the engine's DOCKER-USER chain and to"
-            ' INPUT; docs/worker.md, "Isolation", lists them to add by hand), or use %s.',
-            name,
-            reach,
-            why,
-            others,
         )
 
     async def _execute(

@@ -179,7 +179,7 @@ def _docker_runner(
         # allows duplicate names), and a container on an ambiguous network name cannot start.
         # Its egress rules come with it (or the warning that they cannot).
         try:
-            runner._network_name()
+            runner.network.name()
         except Exception as exc:
             raise StartError(f"cannot create the worker's Docker network ({exc})") from None
     return runner
