@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from jupyter_compute_queue.jobs import job_id, parse_definition
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.jobs import job_id, parse_definition
 
 CHUNK = 50_000
 

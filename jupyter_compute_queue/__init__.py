@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .client import Client, ComputeQueueError, Job
+    from .client.client import Client, ComputeQueueError, Job
 
 __all__ = ["Client", "ComputeQueueError", "Job", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in {"Client", "ComputeQueueError", "Job"}:
-        from . import client
+        from .client import client
 
         return getattr(client, name)
     raise AttributeError(f"module 'jupyter_compute_queue' has no attribute {name!r}")
@@ -35,6 +35,6 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
 
 def load_ipython_extension(shell: Any) -> None:
     """``%load_ext jupyter_compute_queue`` registers the ``%%container`` cell magic."""
-    from .magic import load_ipython_extension as load
+    from .notebook.magic import load_ipython_extension as load
 
     load(shell)

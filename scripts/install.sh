@@ -59,7 +59,7 @@ FRONTEND_SOURCES=(src style package.json package-lock.json tsconfig.json build-l
 FRONTEND_STAMP="$ROOT/jupyter_compute_queue/labextension/package.json"
 
 frontend_fresh() {
-  [ -f "$FRONTEND_STAMP" ] && [ -f "$ROOT/jupyter_compute_queue/static/widget.js" ] && [ -f "$ROOT/jupyter_compute_queue/static/page.js" ] || return 1
+  [ -f "$FRONTEND_STAMP" ] && [ -f "$ROOT/jupyter_compute_queue/notebook/static/widget.js" ] && [ -f "$ROOT/jupyter_compute_queue/server/static/page.js" ] || return 1
   local sources=() name
   for name in "${FRONTEND_SOURCES[@]}"; do sources+=("$ROOT/labextension/$name"); done
   [ -z "$(find "${sources[@]}" -newer "$FRONTEND_STAMP" -print -quit 2>/dev/null)" ]
@@ -91,7 +91,7 @@ install_python() {
   if frontend_fresh; then
     SKIP_JUPYTER_BUILDER=1 "$VENV/bin/uv" pip install --python "$VENV/bin/python" -q -e "$ROOT[test,lab]"
   else
-    log "building the front end (labextension/ → jupyter_compute_queue/labextension, static/widget.js)"
+    log "building the front end (labextension/ → jupyter_compute_queue/labextension, notebook/static/widget.js, server/static/page.js)"
     ensure_node
     PATH="$VENV/bin:$PATH" "$VENV/bin/uv" pip install --python "$VENV/bin/python" -q -e "$ROOT[test,lab]"
   fi

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_compute_queue.access import Identity
-from jupyter_compute_queue.blobs.local import LocalBlobStore
-from jupyter_compute_queue.logs import LogStore
-from jupyter_compute_queue.service import QueueService, ServiceConfig
-from jupyter_compute_queue.store.base import Assignment, Capacity, WorkerInfo
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.access import Identity
+from jupyter_compute_queue.host.blobs.local import LocalBlobStore
+from jupyter_compute_queue.host.logs import LogStore
+from jupyter_compute_queue.host.service import QueueService, ServiceConfig
+from jupyter_compute_queue.host.store.base import Assignment, Capacity, WorkerInfo
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
 
 pytest_plugins = ["tests.docker_env", "tests.s3_env"]
 USER = Identity("user", "alice")

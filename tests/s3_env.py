@@ -33,7 +33,7 @@ AWS_ENV = {
     "AWS_CONFIG_FILE": "/nonexistent/aws-config",
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
 }
-S3_STORE = "jupyter_compute_queue.blobs.s3.S3BlobStore"
+S3_STORE = "jupyter_compute_queue.host.blobs.s3.S3BlobStore"
 
 
 def missing(what: str, fix: str) -> NoReturn:

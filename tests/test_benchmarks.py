@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import fill, run
 from benchmarks.common import Figure, percentile
-from jupyter_compute_queue.jobs import job_id, parse_definition
+from jupyter_compute_queue.model.jobs import job_id, parse_definition
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import ComputeQueueError
-from .uploads import ProgressCallback, human_size
+from ..client.errors import ComputeQueueError
+from ..client.uploads import ProgressCallback, human_size
 
 if TYPE_CHECKING:
-    from .job import Job
-    from .logs import LogRecord
-    from .runs import RunRecord
+    from ..client.job import Job
+    from ..host.logs import LogRecord
+    from ..model.runs import RunRecord
 
 #: How many hex digits of a job or run id the CLI shows.
 SHORT = 12

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_format import (
+from ..client.errors import ComputeQueueError, HostNotFound, JobTimeout
+from .format import (
     Interrupted,
     StatusLine,
     download,
@@ -28,11 +29,10 @@ from .cli_format import (
     short,
     status_summary,
 )
-from .errors import ComputeQueueError, HostNotFound, JobTimeout
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .job import Job
+    from ..client.client import Client
+    from ..client.job import Job
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -130,7 +130,7 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def client_for(args: argparse.Namespace) -> Client:
-    from .client import Client
+    from ..client.client import Client
 
     return Client(args.url, args.token, queue=getattr(args, "queue", None) or "local")
 
@@ -387,7 +387,7 @@ def queue_status(args: argparse.Namespace) -> int:
 def queue_new(args: argparse.Namespace) -> int:
     """A name with 128 bits of randomness on the first line, and its URL when a host is found
     (discovery reads files only: nothing is asked of the host)."""
-    from .discovery import find_host
+    from ..client.discovery import find_host
 
     name = secrets.token_hex(16)
     print(name)

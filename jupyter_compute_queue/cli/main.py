@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_jobs as jobs
-from .access import check_queue_name, worker_credential
+from ..host.access import check_queue_name, worker_credential
+from . import jobs as jobs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a worker: take jobs from queues and run them as Docker containers",
         description="Serve one or more queues of a host with this machine's Docker engine.",
     )
-    from .worker.cli_args import add_arguments
+    from ..worker.cli_args import add_arguments
 
     add_arguments(worker)
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args, extra)
     if args.command == "worker" and not extra:
-        from .worker.main import main as worker_main
+        from ..worker.main import main as worker_main
 
         return worker_main(args)
     if extra:
@@ -230,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
     """Run a Jupyter server with only the compute-queue extension."""
-    from .datadir import default_data_dir
-    from .server.app import ComputeQueueApp
+    from ..host.datadir import default_data_dir
+    from ..server.app import ComputeQueueApp
 
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     empty_root = data_dir / "empty-root"  # a queue host serves no notebook files
@@ -258,7 +258,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def queue_token(queue: str, data_dir: str | None) -> int:
     """Print ``QUEUE:TOKEN`` for a worker of ``queue``."""
-    from .datadir import default_data_dir, host_secret
+    from ..host.datadir import default_data_dir, host_secret
 
     try:
         check_queue_name(queue)

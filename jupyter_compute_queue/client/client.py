@@ -32,13 +32,14 @@ Design:
   Uploads send ``Expect: 100-continue``, so a host that redirects an upload (S3) answers
   before the body is sent. Proxies (``HTTP_PROXY``) are not used.
 
-Modules: :mod:`~jupyter_compute_queue.http` (requests, redirects, errors),
-:mod:`~jupyter_compute_queue.uploads` (inline refs, blobs, progress),
-:mod:`~jupyter_compute_queue.job` (:class:`Job`), :mod:`~jupyter_compute_queue.logstream`
-(the websocket thread and :class:`LogStream`), :mod:`~jupyter_compute_queue.errors`.
+Modules: :mod:`~jupyter_compute_queue.client.http` (requests, redirects, errors),
+:mod:`~jupyter_compute_queue.client.uploads` (inline refs, blobs, progress),
+:mod:`~jupyter_compute_queue.client.job` (:class:`Job`),
+:mod:`~jupyter_compute_queue.client.logstream` (the websocket thread and :class:`LogStream`),
+:mod:`~jupyter_compute_queue.client.errors`.
 * **Errors** are :class:`ComputeQueueError` with the host's ``{"error"}`` message and the HTTP
   status; :class:`HostNotFound` lists every place discovery looked
-  (:mod:`jupyter_compute_queue.discovery`).
+  (:mod:`jupyter_compute_queue.client.discovery`).
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
+from ..host.logs import LogRecord
+from ..model.job_fields import DataRef
+from ..model.runs import RunRecord
 from .discovery import Host, find_host
 from .errors import ComputeQueueError, HostNotFound, JobTimeout
 from .http import CHUNK, Body, HttpClient, blob_upload_headers
 from .job import Job
-from .job_fields import DataRef
-from .logs import LogRecord
 from .logstream import LogStream
-from .runs import RunRecord
 from .uploads import (
     INLINE_LIMIT,
     Blob,
@@ -92,7 +93,8 @@ class Client(HttpClient):
 
     ``url`` is the Jupyter server URL including its base URL (``http://h:8888/base/``; a
     ``?token=`` in it is used as the token); without it the host is discovered
-    (:mod:`jupyter_compute_queue.discovery`), else :class:`HostNotFound` says where it looked.
+    (:mod:`jupyter_compute_queue.client.discovery`), else :class:`HostNotFound` says where it
+    looked.
     ``queue`` is the default queue of every call; ``timeout`` the seconds a socket may stay
     silent before a request fails.
     """
@@ -142,7 +144,7 @@ class Client(HttpClient):
         """Submit one job and return it (joined, cached or newly queued: see ``job.cached``).
 
         ``definition`` is a job definition (a mapping, camelCase, or a parsed
-        :class:`~jupyter_compute_queue.jobs.JobDefinition`). ``files`` maps input paths
+        :class:`~jupyter_compute_queue.model.jobs.JobDefinition`). ``files`` maps input paths
         (under ``/inputs``) to local files, folders (every file below, recursively) or bytes;
         a path may not also be in the definition's ``inputs``. ``progress`` is called with
         ``(done_bytes, total_bytes)`` while blobs upload; None shows a line on stderr in a

@@ -16,19 +16,12 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
+from ..host.logs import LogRecord
+from ..model.job_fields import check_path
+from ..model.runs import RunRecord
 from .errors import ComputeQueueError, JobTimeout
 from .http import CHUNK
-from .job_fields import check_path
-from .logs import LogRecord
-from .logstream import (
-    LogStream,
-    QueueSocket,
-    SocketEnd,
-    SocketFailed,
-    record_from_json,
-    remaining,
-)
-from .runs import RunRecord
+from .logstream import LogStream, QueueSocket, SocketEnd, SocketFailed, record_from_json, remaining
 from .uploads import ProgressCallback
 
 if TYPE_CHECKING:

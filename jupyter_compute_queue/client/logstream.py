@@ -15,9 +15,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..host.logs import LogRecord
 from .errors import ComputeQueueError, JobTimeout
 from .http import Closing, safe
-from .logs import LogRecord
 
 if TYPE_CHECKING:
     from .client import Client

@@ -8,10 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..model.runs import Phase, Reason, RunRecord, RunState
 from .access import Action, Identity
 from .events import EventBus, LogsAppended, WorkerChanged
 from .logs import LogStore
-from .runs import Phase, Reason, RunRecord, RunState
 from .service_base import BadRequest, Forbidden, ServiceConfig
 from .store.base import Assignment, Capacity, Conflict, Held, NotFound, Outcome, Store, WorkerInfo
 

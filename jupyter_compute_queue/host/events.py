@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .runs import RunRecord
+from ..model.runs import RunRecord
 
 
 @dataclass(frozen=True, slots=True)

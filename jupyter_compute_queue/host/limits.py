@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..model.runs import RunState
 from .access import Identity
-from .runs import RunState
 from .service_base import ServiceError, TooLarge
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .runs import RunRecord, RunState
+from ..model.runs import RunRecord, RunState
 
 if TYPE_CHECKING:
     from .service import QueueService

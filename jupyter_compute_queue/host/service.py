@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from ..model.runs import RunRecord, RunState
 from . import metrics
 from .access import ANONYMOUS, AccessPolicy, Action, Identity, check_namespace, check_queue_name
 from .blobs import BlobNotFound, BlobStore
@@ -26,7 +27,6 @@ from .dispatch import Lease, WorkerSession, WorkerSide
 from .events import EventBus, RunChanged
 from .logs import LogStore
 from .metrics import QueueStats
-from .runs import RunRecord, RunState
 from .secrets import SecretBox
 from .service_base import DAY, BadRequest, Forbidden, ServiceConfig, ServiceError, TooLarge
 from .store.base import Change, NotFound, Page, Store

@@ -12,14 +12,14 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ..model.canonical import canonical_json
+from ..model.jobs import InvalidJob, JobDefinition, job_id, parse_definition
+from ..model.runs import DEFAULT_NAMESPACE, RunRecord
 from .access import AccessPolicy, Action, Identity, check_namespace
 from .blobs import BlobStore
 from .callbacks import CallbackSender, check_callbacks
-from .canonical import canonical_json
-from .jobs import InvalidJob, JobDefinition, job_id, parse_definition
 from .logs import LogStore
 from .metrics import QueueStats
-from .runs import DEFAULT_NAMESPACE, RunRecord
 from .secrets import SecretBox, check_values
 from .service_base import DAY, BadRequest, ServiceConfig, TooLarge
 from .store.base import Change, Store, SubmitRequest

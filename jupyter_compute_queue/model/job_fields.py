@@ -1,7 +1,7 @@
 """The parts a job definition is built of, each checked on its own: data refs (inline, blob
 key or URL), the build spec, the requirements, sizes, durations and file paths.
 
-:mod:`jupyter_compute_queue.jobs` puts them together into the definition and checks what needs
+:mod:`jupyter_compute_queue.model.jobs` puts them together into the definition and checks what needs
 the whole of it (one image or build, no file given twice, secrets not also in env).
 """
 

@@ -3,8 +3,9 @@
 A job is its definition; its id is the SHA-256 of the canonical form (SPEC §2). This module is
 the only place that computes ids: clients import it, the host ignores ids that clients send.
 The definition's parts (data refs, build spec, requirements, paths) are in
-:mod:`~jupyter_compute_queue.job_fields`, the command's argv in :mod:`~jupyter_compute_queue.argv`
-and the JSON bytes that are hashed in :mod:`~jupyter_compute_queue.canonical`.
+:mod:`~jupyter_compute_queue.model.job_fields`, the command's argv in
+:mod:`~jupyter_compute_queue.model.argv` and the JSON bytes that are hashed in
+:mod:`~jupyter_compute_queue.model.canonical`.
 """
 
 from __future__ import annotations

@@ -21,13 +21,13 @@ from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import ComputeQueueError
-from .logs import LogRecord
-from .uploads import human_size
+from ..client.errors import ComputeQueueError
+from ..client.uploads import human_size
+from ..host.logs import LogRecord
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .job import Job
+    from ..client.client import Client
+    from ..client.job import Job
     from .widget import JobWidget
 
 log = logging.getLogger("jupyter_compute_queue.magic")

@@ -7,7 +7,7 @@ succeed raises after its log, so Run-All stops. The cell's value is the :class:`
 
 The options are an argparse parser, so ``%%container?`` shows its help and a bad option is a
 one-line usage error. Following the job (logs, hints, interrupt) lives in
-:mod:`~jupyter_compute_queue.cell_follow`.
+:mod:`~jupyter_compute_queue.notebook.cell_follow`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ComputeQueueError
+from ..client.errors import ComputeQueueError
 
 #: The image when ``--image`` is not given and ``$COMPUTE_QUEUE_IMAGE`` is not set.
 DEFAULT_IMAGE = "python:3.12-slim"
@@ -244,8 +244,8 @@ def kernel_cell(shell: Any) -> tuple[str, str | None]:
 
 def container(line: str, cell: str, shell: Any = None) -> Any:
     """Run the cell in a container job (the docstring is replaced by the options' help)."""
+    from ..client.client import Client
     from .cell_follow import run_cell
-    from .client import Client
 
     args = parse_line(line)
     environ = os.environ

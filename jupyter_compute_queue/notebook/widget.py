@@ -39,7 +39,8 @@ Two daemon threads follow a job: one waits on its state (the queue websocket, th
 ``Job.wait`` and ``Job.on_change``), one moves its log into a bounded in-memory buffer (for
 replays when a view is re-rendered) and on to the front end in batches. Reads of outputs run
 in threads of their own, so a large one does not hold up a Cancel. The log and the reads are in
-:mod:`~jupyter_compute_queue.widget_data`; here are the traits, the requests and the actions.
+:mod:`~jupyter_compute_queue.notebook.widget_data`; here are the traits, the requests and the
+actions.
 
 ``JobWidget(job)`` shows a job; :func:`editor` (or ``JobWidget.editor``) opens the editor.
 """
@@ -57,13 +58,13 @@ from typing import TYPE_CHECKING, Any
 import anywidget
 import traitlets
 
-from .errors import ComputeQueueError
-from .logs import LogRecord
+from ..client.errors import ComputeQueueError
+from ..host.logs import LogRecord
 from .widget_data import DataSource
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .job import Job
+    from ..client.client import Client
+    from ..client.job import Job
 
 __all__ = ["JobWidget", "editor"]
 
@@ -122,7 +123,7 @@ class JobWidget(anywidget.AnyWidget, DataSource):
         # The mode is set before the widget opens: a view never flashes the other one.
         super().__init__(mode="editor" if job is None else "job")
         if job is None and client is None:
-            from .client import Client
+            from ..client.client import Client
 
             client = Client(queue=queue or "local")
         self.client: Client = job.client if job is not None else client  # type: ignore[assignment]
@@ -166,7 +167,7 @@ class JobWidget(anywidget.AnyWidget, DataSource):
         if command is not None:
             prefill["command"] = command
         if client is None:
-            from .client import Client
+            from ..client.client import Client
 
             client = Client(queue=queue or "local")
         return cls(client=client, definition=prefill, queue=queue, namespace=namespace)

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from .errors import ComputeQueueError
-from .logs import LogRecord
+from ..client.errors import ComputeQueueError
+from ..host.logs import LogRecord
 
 if TYPE_CHECKING:
-    from .job import Job
+    from ..client.job import Job
 
 log = logging.getLogger("jupyter_compute_queue.widget")  # one logger for the whole widget
 

@@ -10,14 +10,14 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, Union, default
 
 from .. import __version__
-from ..blobs.base import BlobStore
-from ..blobs.local import LocalBlobStore
-from ..datadir import DataDir, acquire, default_data_dir, host_secret
-from ..limits import LimitConfig, Limits
-from ..logs import LogStore
-from ..service import QueueService, ServiceConfig
-from ..store.base import Store
-from ..store.sqlite import SqliteStore
+from ..host.blobs.base import BlobStore
+from ..host.blobs.local import LocalBlobStore
+from ..host.datadir import DataDir, acquire, default_data_dir, host_secret
+from ..host.limits import LimitConfig, Limits
+from ..host.logs import LogStore
+from ..host.service import QueueService, ServiceConfig
+from ..host.store.base import Store
+from ..host.store.sqlite import SqliteStore
 from .local_worker import LocalWorker, docker_reachable
 from .websockets import closing_sockets
 
@@ -136,7 +136,7 @@ class ComputeQueueApp(ExtensionApp):
     blob_store_class = Type(
         LocalBlobStore,
         klass=BlobStore,
-        help="The blob store: local disk, or jupyter_compute_queue.blobs.s3.S3BlobStore "
+        help="The blob store: local disk, or jupyter_compute_queue.host.blobs.s3.S3BlobStore "
         "(configured as S3BlobStore.bucket, .endpoint_url …).",
     ).tag(config=True)
 

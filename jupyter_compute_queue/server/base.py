@@ -16,12 +16,18 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from ..access import ANONYMOUS, Identity, worker_identity
-from ..blobs.base import BlobError, BlobHashMismatch, BlobNotFound, BlobTooLarge, InvalidBlobKey
-from ..canonical import lone_surrogate, surrogate_message
-from ..limits import TooManyRequests
-from ..service import Forbidden, QueueService, ServiceError
-from ..store.base import Conflict, NotFound
+from ..host.access import ANONYMOUS, Identity, worker_identity
+from ..host.blobs.base import (
+    BlobError,
+    BlobHashMismatch,
+    BlobNotFound,
+    BlobTooLarge,
+    InvalidBlobKey,
+)
+from ..host.limits import TooManyRequests
+from ..host.service import Forbidden, QueueService, ServiceError
+from ..host.store.base import Conflict, NotFound
+from ..model.canonical import lone_surrogate, surrogate_message
 
 if TYPE_CHECKING:
     from .app import ComputeQueueApp

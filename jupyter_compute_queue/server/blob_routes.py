@@ -8,9 +8,9 @@ import posixpath
 
 from tornado import web
 
-from ..access import Action
-from ..blobs.base import BlobWriter, check_key
-from ..limits import TooManyRequests
+from ..host.access import Action
+from ..host.blobs.base import BlobWriter, check_key
+from ..host.limits import TooManyRequests
 from .base import BaseHandler, allow_unauthenticated, whole_number
 from .files import attachment_headers
 

@@ -10,7 +10,7 @@ import posixpath
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from ..blobs.base import attachment_disposition
+from ..host.blobs.base import attachment_disposition
 
 #: Extensions whose type may be declared: raster images and plain data formats.
 ALLOWED_TYPES = {

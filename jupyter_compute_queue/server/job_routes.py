@@ -9,9 +9,9 @@ from typing import Any
 
 from tornado import web
 
-from ..canonical import canonical_json
-from ..job_fields import DataRef
-from ..runs import RunRecord
+from ..model.canonical import canonical_json
+from ..model.job_fields import DataRef
+from ..model.runs import RunRecord
 from .base import BaseHandler, allow_unauthenticated, whole_number
 from .blob_routes import send_blob
 from .files import attachment_headers, stream_zip

@@ -8,9 +8,9 @@ from contextlib import AbstractContextManager
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
-from ..access import Action
-from ..limits import waiting_runs
-from ..service_base import TooLarge
+from ..host.access import Action
+from ..host.limits import waiting_runs
+from ..host.service_base import TooLarge
 from .base import BaseHandler, allow_unauthenticated, whole_number
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from tornado import web
 
 from .. import __version__
-from ..access import check_queue_name, worker_credential
+from ..host.access import check_queue_name, worker_credential
 from .base import BaseHandler, allow_unauthenticated
 
-STATIC = Path(__file__).resolve().parents[1] / "static"
+STATIC = Path(__file__).resolve().parent / "static"
 #: The files ``ui/{asset}`` serves, and their types.
 ASSETS = {"page.js": "text/javascript; charset=utf-8"}
 

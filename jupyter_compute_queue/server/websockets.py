@@ -18,12 +18,12 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from ..access import ANONYMOUS, Action
-from ..events import LogsAppended, Overflow, RunChanged, Subscription, WorkerChanged
-from ..jobs import check_path
-from ..outbox import Outbox, dumps, loads
-from ..runs import OutputRef, Phase, Reason, RunState
-from ..store.base import Assignment, Capacity, Held, Outcome, WorkerInfo
+from ..host.access import ANONYMOUS, Action
+from ..host.events import LogsAppended, Overflow, RunChanged, Subscription, WorkerChanged
+from ..host.store.base import Assignment, Capacity, Held, Outcome, WorkerInfo
+from ..model.jobs import check_path
+from ..model.outbox import Outbox, dumps, loads
+from ..model.runs import OutputRef, Phase, Reason, RunState
 from .base import CallerMixin, allow_unauthenticated, surrogate_error
 from .worker_batch import ProtocolError, accepted, handle_batch, refusal
 

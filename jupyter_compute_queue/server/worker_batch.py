@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from ..runs import RunRecord
-from ..service import ServiceError
-from ..store.base import Conflict, NotFound
+from ..host.service import ServiceError
+from ..host.store.base import Conflict, NotFound
+from ..model.runs import RunRecord
 
 if TYPE_CHECKING:
     from .websockets import WorkerSocket

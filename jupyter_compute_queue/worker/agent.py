@@ -22,11 +22,11 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from .. import __version__
-from ..jobs import JobDefinition, parse_definition
-from ..outbox import Outbox, abort, loads
-from ..runs import Phase, Reason
-from ..secrets import Redactor, missing_message, resolve
-from ..store.rows import DEFAULT_CPUS
+from ..host.secrets import Redactor, missing_message, resolve
+from ..host.store.rows import DEFAULT_CPUS
+from ..model.jobs import JobDefinition, parse_definition
+from ..model.outbox import Outbox, abort, loads
+from ..model.runs import Phase, Reason
 from .resources import Allocation, ResourceError, Resources
 from .runtime import Run, RunResult, Runtime, RuntimeLost
 

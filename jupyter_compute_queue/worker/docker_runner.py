@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import requests.exceptions
 
-from ..jobs import JobDefinition, command_argv
-from ..runs import OutputRef, Phase, Reason
+from ..model.jobs import JobDefinition, command_argv
+from ..model.runs import OutputRef, Phase, Reason
 from . import engine_copy
 from .disk import DiskMeter, over_caps
 from .egress import Allowed

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from ..http import origin, safe, under_api
-from ..jobs import DataRefType, JobDefinition
+from ..client.http import origin, safe, under_api
+from ..model.jobs import DataRefType, JobDefinition
 from .egress import BLOCKED_RANGES, Allowed, connected_subnets
 
 __all__ = [

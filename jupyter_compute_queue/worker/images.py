@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..http import safe
-from ..jobs import BuildSpec, canonical_json
+from ..client.http import safe
+from ..model.jobs import BuildSpec, canonical_json
 from .context_archive import ContextError, is_archive, unpack
 from .fetch_policy import FetchPolicy, FetchRefused
 from .fetch_proxy import FetchProxy

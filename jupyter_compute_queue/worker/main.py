@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from jupyter_core.paths import jupyter_data_dir
 
-from ..units import parse_duration, parse_size
+from ..model.units import parse_duration, parse_size
 from .agent import Agent, FatalError, WorkerOptions
 from .docker_runner import DockerRunner, RunnerConfig
 from .egress import Allowed, parse_allowed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..runs import Phase, Reason
+from ..model.runs import Phase, Reason
 from .runtime import Logs, Phases, Run, RunResult
 
 #: The phases a Docker run of an image job without outputs goes through, reported in order so

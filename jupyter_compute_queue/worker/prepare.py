@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs import DataRefType, JobDefinition
+from ..model.jobs import DataRefType, JobDefinition
 from .transfer import Transfers
 
 log = logging.getLogger(__name__)

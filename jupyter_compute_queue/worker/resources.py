@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..store.base import Capacity
-from ..store.rows import DEFAULT_CPUS
+from ..host.store.base import Capacity
+from ..host.store.rows import DEFAULT_CPUS
 
 if TYPE_CHECKING:
     # docker-py ships no type hints; with types-docker installed the ignore is simply unused.

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..jobs import JobDefinition
-from ..runs import OutputRef, Phase, Reason
+from ..model.jobs import JobDefinition
+from ..model.runs import OutputRef, Phase, Reason
 from .resources import Allocation
 
 

@@ -17,7 +17,7 @@ from tests.browser.lab import LabServer, Page, expect, open_notebook, run_cell, 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 PACKAGE = Path(jupyter_compute_queue.__file__).parent
-WIDGET_JS = PACKAGE / "static" / "widget.js"
+WIDGET_JS = PACKAGE / "notebook" / "static" / "widget.js"
 SIDEBAR = "jupyter-compute-queue:sidebar"
 
 # A minimal anywidget on the built bundle; it records what the front end sends the kernel.
@@ -25,7 +25,7 @@ WIDGET_CELL = """\
 import pathlib, anywidget, traitlets, jupyter_compute_queue
 
 class Job(anywidget.AnyWidget):
-    _esm = pathlib.Path(jupyter_compute_queue.__file__).parent / "static" / "widget.js"
+    _esm = pathlib.Path(jupyter_compute_queue.__file__).parent / "notebook" / "static" / "widget.js"
     job_id = traitlets.Unicode("5891b5b522d5df08").tag(sync=True)
     state = traitlets.Unicode("Queued").tag(sync=True)
 

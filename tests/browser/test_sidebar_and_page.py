@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.jobs import job_id, parse_definition
+from jupyter_compute_queue.model.jobs import job_id, parse_definition
 from tests.browser.conftest import SCREENSHOTS
 from tests.browser.lab import LabServer, Page, expect
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.access import worker_identity
-from jupyter_compute_queue.datadir import host_secret
+from jupyter_compute_queue.host.access import worker_identity
+from jupyter_compute_queue.host.datadir import host_secret
 
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.access import worker_credential
-from jupyter_compute_queue.datadir import host_secret
-from jupyter_compute_queue.jobs import job_id
+from jupyter_compute_queue.host.access import worker_credential
+from jupyter_compute_queue.host.datadir import host_secret
+from jupyter_compute_queue.model.jobs import job_id
 from jupyter_compute_queue.worker.docker_runner import LABEL_WORKER
 
 from .conftest import Fetch, StartWorker, body

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from jupyter_compute_queue.client import (
+from jupyter_compute_queue.client.client import (
     INLINE_LIMIT,
     Client,
     ComputeQueueError,
@@ -43,7 +43,7 @@ from jupyter_compute_queue.client import (
     JobTimeout,
     LogRecord,
 )
-from jupyter_compute_queue.jobs import job_id, parse_definition
+from jupyter_compute_queue.model.jobs import job_id, parse_definition
 from jupyter_compute_queue.worker.docker_runner import LABEL_WORKER
 from tests.docker_env import free_loopback_port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jupyter_compute_queue.access import (
+from jupyter_compute_queue.host.access import (
     ANONYMOUS,
     AccessPolicy,
     Action,

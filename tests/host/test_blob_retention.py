@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from jupyter_compute_queue.blobs import BlobStore
-from jupyter_compute_queue.blobs.local import LocalBlobStore
-from jupyter_compute_queue.logs import LogStore
-from jupyter_compute_queue.runs import OutputRef, Reason
-from jupyter_compute_queue.service import BadRequest, QueueService, ServiceConfig
-from jupyter_compute_queue.store.base import Outcome
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.blobs import BlobStore
+from jupyter_compute_queue.host.blobs.local import LocalBlobStore
+from jupyter_compute_queue.host.logs import LogStore
+from jupyter_compute_queue.host.service import BadRequest, QueueService, ServiceConfig
+from jupyter_compute_queue.host.store.base import Outcome
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import OutputRef, Reason
 
-from .conftest import USER, Clock, connect
+from ..conftest import USER, Clock, connect
 
 GRACE = 60.0
 
@@ -34,7 +34,7 @@ def key_of(data: bytes) -> str:
 async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     store: BlobStore
     if request.param == "s3":
-        from jupyter_compute_queue.blobs.s3 import S3BlobStore
+        from jupyter_compute_queue.host.blobs.s3 import S3BlobStore
 
         bucket = request.getfixturevalue("s3_bucket")
         store = S3BlobStore(config=Config({"S3BlobStore": bucket}))

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jupyter_compute_queue.blobs import (
+from jupyter_compute_queue.host.blobs import (
     BlobError,
     BlobHashMismatch,
     BlobInfo,
@@ -26,7 +26,7 @@ from jupyter_compute_queue.blobs import (
     InvalidBlobKey,
     check_key,
 )
-from jupyter_compute_queue.blobs.local import LocalBlobStore
+from jupyter_compute_queue.host.blobs.local import LocalBlobStore
 
 DAY = 24 * 3600
 
@@ -62,7 +62,7 @@ def store(root: Path) -> LocalBlobStore:
 
 
 def test_package_import_is_light() -> None:
-    import jupyter_compute_queue.blobs as blobs
+    import jupyter_compute_queue.host.blobs as blobs
 
     assert "LocalBlobStore" not in blobs.__all__
     assert not hasattr(blobs, "LocalBlobStore")

@@ -13,17 +13,17 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from traitlets.config import Config
 
-from jupyter_compute_queue.blobs import (
+from jupyter_compute_queue.client.http import blob_upload_headers
+from jupyter_compute_queue.host.blobs import (
     BlobHashMismatch,
     BlobInfo,
     BlobNotFound,
     BlobTooLarge,
     InvalidBlobKey,
 )
-from jupyter_compute_queue.blobs.s3 import S3BlobStore, checksum_sha256
-from jupyter_compute_queue.http import blob_upload_headers
+from jupyter_compute_queue.host.blobs.s3 import S3BlobStore, checksum_sha256
 
-from .s3_env import s3_client
+from ..s3_env import s3_client
 
 
 def key_of(data: bytes) -> str:

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.blobs.local import LocalBlobStore
-from jupyter_compute_queue.callbacks import PublicResolver, RefusedAddress, is_public_address
-from jupyter_compute_queue.logs import LogStore
-from jupyter_compute_queue.runs import Reason
-from jupyter_compute_queue.service import BadRequest, QueueService, ServiceConfig
-from jupyter_compute_queue.store.base import Outcome
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.blobs.local import LocalBlobStore
+from jupyter_compute_queue.host.callbacks import PublicResolver, RefusedAddress, is_public_address
+from jupyter_compute_queue.host.logs import LogStore
+from jupyter_compute_queue.host.service import BadRequest, QueueService, ServiceConfig
+from jupyter_compute_queue.host.store.base import Outcome
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import Reason
 
-from .conftest import USER, connect
-from .receiver import Receiver, receiving
+from ..conftest import USER, connect
+from ..receiver import Receiver, receiving
 
 JOB = {"image": "busybox", "command": "echo hi"}
 
@@ -156,7 +156,7 @@ async def test_gives_up_after_the_last_attempt(
         USER, "q", {"definition": JOB, "callbacks": {"queued": f"{receiver.url}/q"}}
     )
     deadline = time.monotonic() + 15
-    with caplog.at_level(logging.WARNING, "jupyter_compute_queue.callbacks"):
+    with caplog.at_level(logging.WARNING, "jupyter_compute_queue.host.callbacks"):
         while await service.store.next_callback_at() is not None or len(receiver.to("/q")) < 3:
             assert time.monotonic() < deadline, receiver.calls
             await asyncio.sleep(0.02)
@@ -232,7 +232,7 @@ async def test_public_mode_checks_again_at_call_time(
     await receiver.wait(lambda: bool(receiver.to("/q")), what="a first attempt")
     await stop(private)
 
-    with caplog.at_level(logging.WARNING, "jupyter_compute_queue.callbacks"):
+    with caplog.at_level(logging.WARNING, "jupyter_compute_queue.host.callbacks"):
         public = await start(make(public=True))
         deadline = time.monotonic() + 15
         while await public.store.next_callback_at() is not None:
@@ -311,7 +311,7 @@ async def test_an_unanswering_name_server_holds_neither_submit_nor_the_shared_po
     which blob and log reads use, stays free meanwhile."""
     import threading
 
-    from jupyter_compute_queue import callbacks
+    from jupyter_compute_queue.host import callbacks
 
     release = threading.Event()
 

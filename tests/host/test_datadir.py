@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_compute_queue.datadir import DataDirLocked, acquire, filesystem_type
+from jupyter_compute_queue.host.datadir import DataDirLocked, acquire, filesystem_type
 
 
 def run(script: str) -> subprocess.CompletedProcess[str]:
@@ -21,7 +21,7 @@ def test_second_owner_gets_its_own_folder(tmp_path: Path, caplog: pytest.LogCapt
     first = acquire(tmp_path / "cq")
     # A second process (a lock is per open file, so a real second process shows it best).
     script = (
-        "import sys; from jupyter_compute_queue.datadir import acquire;"
+        "import sys; from jupyter_compute_queue.host.datadir import acquire;"
         f"print(acquire({str(tmp_path / 'cq')!r}).path)"
     )
     out = run(script)
@@ -37,7 +37,7 @@ def test_second_owner_gets_its_own_folder(tmp_path: Path, caplog: pytest.LogCapt
 def test_all_taken(tmp_path: Path) -> None:
     held = [acquire(tmp_path / "cq", attempts=1)]
     script = (
-        "from jupyter_compute_queue.datadir import acquire;"
+        "from jupyter_compute_queue.host.datadir import acquire;"
         f"acquire({str(tmp_path / 'cq')!r}, attempts=1)"
     )
     out = run(script)
@@ -52,7 +52,7 @@ def test_filesystem_type_of_a_local_folder(tmp_path: Path) -> None:
 
 
 def test_host_secret_is_made_once_and_private(tmp_path: Path) -> None:
-    from jupyter_compute_queue.datadir import host_secret
+    from jupyter_compute_queue.host.datadir import host_secret
 
     first = host_secret(tmp_path / "d")
     assert len(first) == 32 and host_secret(tmp_path / "d") == first

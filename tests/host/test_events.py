@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 
-from jupyter_compute_queue.events import (
+from jupyter_compute_queue.host.events import (
     EventBus,
     LogsAppended,
     Overflow,
     RunChanged,
     WorkerChanged,
 )
-from jupyter_compute_queue.runs import RunRecord, RunState
+from jupyter_compute_queue.model.runs import RunRecord, RunState
 
 
 def record(run_id: str, queue: str = "q", state: RunState = RunState.QUEUED) -> RunRecord:

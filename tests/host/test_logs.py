@@ -1,4 +1,4 @@
-"""Tests for jupyter_compute_queue.logs: offsets, since, truncation, recovery, concurrency."""
+"""Tests for jupyter_compute_queue.host.logs: offsets, since, truncation, recovery, concurrency."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_compute_queue.logs import LogRecord, LogStore, LogStream
+from jupyter_compute_queue.host.logs import LogRecord, LogStore, LogStream
 
 ALPHABET = "ab \n\té€中😀"
 

@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 
-from jupyter_compute_queue.access import ANONYMOUS, Identity
-from jupyter_compute_queue.events import LogsAppended, RunChanged
-from jupyter_compute_queue.runs import Reason, RunState
-from jupyter_compute_queue.service import BadRequest, Forbidden, QueueService, TooLarge
-from jupyter_compute_queue.store.base import Conflict, NotFound, Outcome
+from jupyter_compute_queue.host.access import ANONYMOUS, Identity
+from jupyter_compute_queue.host.events import LogsAppended, RunChanged
+from jupyter_compute_queue.host.service import BadRequest, Forbidden, QueueService, TooLarge
+from jupyter_compute_queue.host.store.base import Conflict, NotFound, Outcome
+from jupyter_compute_queue.model.runs import Reason, RunState
 
-from .conftest import USER, Clock, connect
+from ..conftest import USER, Clock, connect
 
 JOB = {"image": "busybox", "command": "echo hi"}
 
@@ -170,7 +170,7 @@ async def test_reconnect_keeps_reported_runs(service: QueueService) -> None:
     await service.submit(USER, "q", job(2))
     kept_run, lost_run = worker.assigned
     await service.disconnect_worker("w1", graceful=False)
-    from jupyter_compute_queue.store.base import Held
+    from jupyter_compute_queue.host.store.base import Held
 
     kept = await service.connect_worker(
         USER,

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from jupyter_compute_queue.argv import command_argv, needs_shell
-from jupyter_compute_queue.canonical import canonical_json
-from jupyter_compute_queue.jobs import (
+from jupyter_compute_queue.model.argv import command_argv, needs_shell
+from jupyter_compute_queue.model.canonical import canonical_json
+from jupyter_compute_queue.model.jobs import (
     DEFAULTS,
     InvalidJob,
     canonical_form,
@@ -32,7 +32,7 @@ from jupyter_compute_queue.jobs import (
     parse_definition,
 )
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 IMAGE = "python:3.12-slim"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jupyter_compute_queue.units import parse_duration, parse_size
+from jupyter_compute_queue.model.units import parse_duration, parse_size
 
 KiB, MiB, GiB, TiB, PiB = (1024**i for i in range(1, 6))
 INT64_MAX = 2**63 - 1

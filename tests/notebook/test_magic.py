@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.magic import PARSER
+from jupyter_compute_queue.notebook.magic import PARSER
 
 from ..kernel import CellRun, Kernel, magic_kernel
 from .conftest import Fetch, StartWorker, body, unique_id

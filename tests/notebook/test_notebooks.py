@@ -17,8 +17,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.worker.test_local_worker import cleanup  # noqa: F401 - the local worker is stopped and cleaned
+
 from .conftest import Fetch
-from .test_local_worker import cleanup  # noqa: F401 - the local worker is stopped and cleaned
 
 NOTEBOOKS = Path(__file__).parents[2] / "notebooks"
 

@@ -34,12 +34,12 @@ import pytest
 from jupyter_server.serverapp import ServerApp
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from jupyter_compute_queue.access import Identity, worker_credential, worker_token
-from jupyter_compute_queue.runs import OutputRef, Reason
+from jupyter_compute_queue.host.access import Identity, worker_credential, worker_token
+from jupyter_compute_queue.host.store.base import Assignment, Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.model.runs import OutputRef, Reason
 from jupyter_compute_queue.server.app import ComputeQueueApp
 from jupyter_compute_queue.server.base import BaseHandler
 from jupyter_compute_queue.server.handlers import ROUTES, http_patterns
-from jupyter_compute_queue.store.base import Assignment, Capacity, Outcome, WorkerInfo
 
 from .conftest import Fetch
 

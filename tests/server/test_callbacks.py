@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.client import Client
+from jupyter_compute_queue.client.client import Client
 
 from ..receiver import Receiver, receiving
 from .conftest import Fetch, body

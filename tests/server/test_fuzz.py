@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from jupyter_compute_queue.runs import OutputRef, Reason
-from jupyter_compute_queue.service import QueueService
-from jupyter_compute_queue.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.service import QueueService
+from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.model.runs import OutputRef, Reason
 
 from ..conftest import USER, ScriptedWorker
 from .conftest import Fetch, body

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPResponse
 
-from jupyter_compute_queue.access import ANONYMOUS, Identity
-from jupyter_compute_queue.limits import (
+from jupyter_compute_queue.host.access import ANONYMOUS, Identity
+from jupyter_compute_queue.host.limits import (
     _MAX_BUCKETS,
     LimitConfig,
     Limits,
@@ -20,7 +20,7 @@ from jupyter_compute_queue.limits import (
     TooManyRequests,
     _Buckets,
 )
-from jupyter_compute_queue.service_base import TooLarge
+from jupyter_compute_queue.host.service_base import TooLarge
 
 from ..conftest import Clock
 from .conftest import Fetch, body

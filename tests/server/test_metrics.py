@@ -12,14 +12,14 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jupyter_compute_queue.access import ANONYMOUS
-from jupyter_compute_queue.blobs.local import LocalBlobStore
-from jupyter_compute_queue.logs import LogStore
-from jupyter_compute_queue.metrics import ServiceCollector, queue_label
-from jupyter_compute_queue.runs import Reason
-from jupyter_compute_queue.service import QueueService, ServiceConfig
-from jupyter_compute_queue.store.base import Capacity, Outcome, WorkerInfo
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.access import ANONYMOUS
+from jupyter_compute_queue.host.blobs.local import LocalBlobStore
+from jupyter_compute_queue.host.logs import LogStore
+from jupyter_compute_queue.host.metrics import ServiceCollector, queue_label
+from jupyter_compute_queue.host.service import QueueService, ServiceConfig
+from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import Reason
 
 from ..conftest import USER, Clock, ScriptedWorker
 from .conftest import Fetch
@@ -168,12 +168,12 @@ async def test_only_queues_with_recent_activity_are_labelled(tmp_path: Path) -> 
 
 
 def _bounds() -> list[str]:
-    from jupyter_compute_queue.metrics import DURATION_BUCKETS
+    from jupyter_compute_queue.host.metrics import DURATION_BUCKETS
 
     return [str(b) for b in DURATION_BUCKETS] + ["+Inf"]
 
 
 def _job_id(definition: dict[str, Any]) -> str:
-    from jupyter_compute_queue.jobs import job_id, parse_definition
+    from jupyter_compute_queue.model.jobs import job_id, parse_definition
 
     return job_id(parse_definition(definition))

@@ -25,14 +25,21 @@ from pydantic import BaseModel
 from tornado import web
 from tornado.websocket import WebSocketHandler
 
-from jupyter_compute_queue.job_fields import BuildSpec, DataRef, Requirements
-from jupyter_compute_queue.jobs import JobDefinition
-from jupyter_compute_queue.jobs import parse_definition as parse_job
-from jupyter_compute_queue.runs import OutputRef, Phase, Reason, RunRecord, RunState, WorkerRef
+from jupyter_compute_queue.host.service import QueueService
+from jupyter_compute_queue.model.job_fields import BuildSpec, DataRef, Requirements
+from jupyter_compute_queue.model.jobs import JobDefinition
+from jupyter_compute_queue.model.jobs import parse_definition as parse_job
+from jupyter_compute_queue.model.runs import (
+    OutputRef,
+    Phase,
+    Reason,
+    RunRecord,
+    RunState,
+    WorkerRef,
+)
 from jupyter_compute_queue.server import files, handlers
 from jupyter_compute_queue.server.base import BaseHandler
 from jupyter_compute_queue.server.queue_routes import StatusHandler
-from jupyter_compute_queue.service import QueueService
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "openapi.yaml"

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.runs import OutputRef, Reason
-from jupyter_compute_queue.service import QueueService
-from jupyter_compute_queue.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.service import QueueService
+from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.model.runs import OutputRef, Reason
 
 from ..conftest import USER, ScriptedWorker
 from .conftest import Fetch, body

@@ -19,7 +19,7 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from jupyter_compute_queue.blobs.base import InvalidBlobKey
+from jupyter_compute_queue.host.blobs.base import InvalidBlobKey
 from jupyter_compute_queue.worker.transfer import (
     ContentCache,
     TransferError,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.access import worker_identity
+from jupyter_compute_queue.host.access import worker_identity
 
 from .conftest import BASE_URL, Fetch, body
 

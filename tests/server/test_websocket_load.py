@@ -22,7 +22,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from jupyter_compute_queue.access import worker_credential
+from jupyter_compute_queue.host.access import worker_credential
 
 from .conftest import Fetch, body
 from .scripted import Peer, Worker, WsFetch, watch

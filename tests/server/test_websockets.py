@@ -155,7 +155,7 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
 async def test_a_worker_credential_cannot_take_over_another_queues_worker(
     fetch: Fetch, jp_ws_fetch: WsFetch, jp_serverapp: Any
 ) -> None:
-    from jupyter_compute_queue.access import worker_credential
+    from jupyter_compute_queue.host.access import worker_credential
 
     secret = jp_serverapp.web_app.settings["compute_queue"].secret
     victim, _ = await Worker.connect(jp_ws_fetch, "victim", queues=("other",))

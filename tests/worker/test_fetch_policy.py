@@ -31,8 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from jupyter_compute_queue.client import Client
-from jupyter_compute_queue.jobs import parse_definition
+from jupyter_compute_queue.client.client import Client
+from jupyter_compute_queue.model.jobs import parse_definition
 from jupyter_compute_queue.worker import images
 from jupyter_compute_queue.worker.egress import connected_subnets, parse_allowed
 from jupyter_compute_queue.worker.fetch_policy import (

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pytest
 from docker.types import DeviceRequest
 
-from jupyter_compute_queue.jobs import parse_definition
+from jupyter_compute_queue.model.jobs import parse_definition
 from jupyter_compute_queue.worker.docker_runner import DockerRunner, Run, RunnerConfig
 from jupyter_compute_queue.worker.prepare import RunFolder
 from jupyter_compute_queue.worker.resources import ResourceError, Resources, parse_gpus

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from jupyter_compute_queue.jobs import parse_definition
+from jupyter_compute_queue.model.jobs import parse_definition
 from jupyter_compute_queue.worker import images
 from jupyter_compute_queue.worker.egress import Allowed, parse_allowed
 from tests.docker_env import docker_client, free_loopback_port

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
 
 from .conftest import Fetch, body, run_job, submit
 from .test_worker_process import remove_worker_leftovers

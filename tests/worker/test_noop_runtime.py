@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from jupyter_compute_queue.jobs import parse_definition
-from jupyter_compute_queue.runs import Reason
+from jupyter_compute_queue.model.jobs import parse_definition
+from jupyter_compute_queue.model.runs import Reason
 from jupyter_compute_queue.worker.agent import Agent, WorkerOptions
 from jupyter_compute_queue.worker.cli_args import add_arguments
 from jupyter_compute_queue.worker.noop_runner import PHASES, NoopRunner

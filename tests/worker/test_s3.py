@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from jupyter_compute_queue.client import Client
-from jupyter_compute_queue.http import blob_upload_headers
+from jupyter_compute_queue.client.client import Client
+from jupyter_compute_queue.client.http import blob_upload_headers
 
 from ..s3_env import S3_STORE, s3_client
 from .conftest import Fetch, StartWorker, body, unique_id, wait_result

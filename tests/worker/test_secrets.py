@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.secrets import (
+from jupyter_compute_queue.host.secrets import (
     MAX_VALUE_BYTES,
     WORKER_ENV_PREFIX,
     Redactor,
@@ -27,7 +27,7 @@ from jupyter_compute_queue.secrets import (
     check_values,
     resolve,
 )
-from jupyter_compute_queue.service import QueueService
+from jupyter_compute_queue.host.service import QueueService
 
 from ..kernel import CellRun, Kernel, magic_kernel
 from .conftest import Fetch, StartWorker, body, submit, unique_id, wait_result

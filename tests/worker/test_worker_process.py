@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.access import worker_credential
-from jupyter_compute_queue.datadir import host_secret
+from jupyter_compute_queue.host.access import worker_credential
+from jupyter_compute_queue.host.datadir import host_secret
 
 from .conftest import (
     JUPYTER,

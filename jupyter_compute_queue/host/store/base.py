@@ -13,8 +13,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..jobs import JobDefinition
-from ..runs import OutputRef, Phase, Reason, RunRecord, RunState
+from ...model.jobs import JobDefinition
+from ...model.runs import OutputRef, Phase, Reason, RunRecord, RunState
 
 
 class StoreError(Exception):

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Collection
 from typing import Any
 
-from ..runs import RunRecord
+from ...model.runs import RunRecord
 from .base import DueCallback, SubmitRequest
 from .engine import Engine
 

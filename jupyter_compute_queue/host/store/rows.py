@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..runs import (
+from ...model.runs import (
     ROW_FIELDS,
     OutputRef,
     Phase,

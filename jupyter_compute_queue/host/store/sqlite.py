@@ -15,7 +15,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs import Phase, Reason, RunRecord, RunState
+from ...model.runs import Phase, Reason, RunRecord, RunState
 from .base import (
     Assignment,
     Capacity,

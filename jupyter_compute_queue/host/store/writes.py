@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from ..runs import DEFAULT_NAMESPACE, Reason, RunRecord
+from ...model.runs import DEFAULT_NAMESPACE, Reason, RunRecord
 from .base import (
     Assignment,
     Capacity,

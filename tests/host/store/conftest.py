@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.jobs import JobDefinition, job_id, parse_definition
-from jupyter_compute_queue.runs import DEFAULT_NAMESPACE, Reason, RunRecord
-from jupyter_compute_queue.store.base import (
+from jupyter_compute_queue.host.store.base import (
     Assignment,
     Capacity,
     Change,
@@ -22,7 +20,9 @@ from jupyter_compute_queue.store.base import (
     SubmitResult,
     WorkerInfo,
 )
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.jobs import JobDefinition, job_id, parse_definition
+from jupyter_compute_queue.model.runs import DEFAULT_NAMESPACE, Reason, RunRecord
 
 #: The epoch time every test starts at.
 T0 = 1_800_000_000.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_compute_queue.runs import Phase
-from jupyter_compute_queue.store.base import Capacity, NotFound
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.base import Capacity, NotFound
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import Phase
 
 from .conftest import T0, claim, finish, register, request, submit
 
@@ -37,7 +37,7 @@ def _random_runs(rng: random.Random, n: int) -> list[tuple[str, dict[str, object
 
 
 async def _store(path: Path, runs: list[tuple[str, dict[str, object]]]) -> SqliteStore:
-    from jupyter_compute_queue.jobs import parse_definition
+    from jupyter_compute_queue.model.jobs import parse_definition
 
     store = SqliteStore(path)
     await store.open()

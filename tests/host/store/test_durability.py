@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import jupyter_compute_queue
-from jupyter_compute_queue.runs import RunState
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import RunState
 
 from .conftest import StoreFactory
 
@@ -29,9 +29,9 @@ CHILD = """
 import asyncio
 import sys
 
-from jupyter_compute_queue.jobs import job_id, parse_definition
-from jupyter_compute_queue.store.base import SubmitRequest
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.jobs import job_id, parse_definition
+from jupyter_compute_queue.host.store.base import SubmitRequest
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
 
 
 async def main(path, mode):

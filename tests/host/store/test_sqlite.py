@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.jobs import JobDefinition, job_id
-from jupyter_compute_queue.runs import OutputRef, Reason, RunState
-from jupyter_compute_queue.store.base import Held, NotFound, Outcome
-from jupyter_compute_queue.store.schema import MIGRATIONS
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.base import Held, NotFound, Outcome
+from jupyter_compute_queue.host.store.schema import MIGRATIONS
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.jobs import JobDefinition, job_id
+from jupyter_compute_queue.model.runs import OutputRef, Reason, RunState
 
 from .conftest import (
     T0,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jupyter_compute_queue.runs import Reason, RunState
-from jupyter_compute_queue.store.base import NotFound
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.base import NotFound
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import Reason, RunState
 
 from .conftest import T0, claim, complete, definition, register, request, submit
 

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from jupyter_compute_queue.runs import OutputRef, Phase, Reason, RunState
-from jupyter_compute_queue.store.base import (
+from jupyter_compute_queue.host.store.base import (
     Capacity,
     Conflict,
     Held,
@@ -15,7 +14,8 @@ from jupyter_compute_queue.store.base import (
     Outcome,
     WorkerInfo,
 )
-from jupyter_compute_queue.store.sqlite import SqliteStore
+from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.runs import OutputRef, Phase, Reason, RunState
 
 from .conftest import (
     LEASE,

@@ -1,0 +1,3 @@
+"""The worker fixtures (a real host, in-process and process workers, Docker) for these tests."""
+
+from tests.worker.conftest import *  # noqa: F403
