@@ -12,8 +12,9 @@ from jupyter_compute_queue.host.access import Identity
 from jupyter_compute_queue.host.blobs.local import LocalBlobStore
 from jupyter_compute_queue.host.logs import LogStore
 from jupyter_compute_queue.host.service import QueueService, ServiceConfig
-from jupyter_compute_queue.host.store.base import Assignment, Capacity, WorkerInfo
+from jupyter_compute_queue.host.store.base import Assignment, WorkerInfo
 from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.capacity import Capacity
 
 pytest_plugins = ["tests.docker_env", "tests.s3_env"]
 USER = Identity("user", "alice")

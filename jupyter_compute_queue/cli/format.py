@@ -21,8 +21,8 @@ from ..client.errors import ComputeQueueError
 from ..client.uploads import ProgressCallback, human_size
 
 if TYPE_CHECKING:
-    from ..client.job import Job
-    from ..host.logs import LogRecord
+    from ..client.client import Job
+    from ..model.log_records import LogRecord
     from ..model.runs import RunRecord
 
 #: How many hex digits of a job or run id the CLI shows.

@@ -31,8 +31,7 @@ from .format import (
 )
 
 if TYPE_CHECKING:
-    from ..client.client import Client
-    from ..client.job import Job
+    from ..client.client import Client, Job
 
 Handler = Callable[[argparse.Namespace], int]
 

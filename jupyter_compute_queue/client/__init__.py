@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .client import Client, Job
     from .errors import ComputeQueueError
-    from .job import Job
 
 __all__ = ["Client", "ComputeQueueError", "Job"]
 
@@ -22,7 +21,7 @@ def __getattr__(name: str) -> Any:
 
         return Client
     if name == "Job":
-        from .job import Job
+        from .client import Job
 
         return Job
     if name == "ComputeQueueError":

@@ -55,13 +55,13 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from ..host.logs import LogRecord
 from ..model.job_fields import DataRef
+from ..model.log_records import LogRecord
 from ..model.runs import RunRecord
 from .discovery import Host, find_host
 from .errors import ComputeQueueError, HostNotFound, JobTimeout
 from .http import CHUNK, Body, HttpClient, blob_upload_headers
-from .job import Job
+from .job import JobBase
 from .logstream import LogStream
 from .uploads import (
     INLINE_LIMIT,
@@ -86,6 +86,47 @@ __all__ = [
 
 #: Submissions per request of a batch (below the host's default max_batch_size of 1000).
 BATCH_REQUEST = 500
+
+
+class Job(JobBase):
+    """One run of a job in a queue, as seen by the client (see :class:`.job.JobBase`): what
+    :meth:`Client.submit` returns, or :meth:`attach` finds."""
+
+    client: Client
+
+    @classmethod
+    def attach(
+        cls,
+        job_id: str,
+        queue: str | None = None,
+        client: Client | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        """A job submitted before (by this process or another): its newest run in ``queue``
+        (every queue the caller may see when None), or the run ``run_id``."""
+        if client is None:
+            client = Client(queue=queue or "local")
+        where = f"q/{quote(queue, safe='')}/" if queue else ""
+        data = client._json("GET", f"{where}j/{quote(job_id, safe='')}")
+        runs = data.get("runs") or []
+        chosen = next((r for r in runs if run_id is None or r.get("runId") == run_id), None)
+        if chosen is None:
+            place = f"in queue {queue!r}" if queue else "in any queue you may see"
+            what = f"no run {run_id}" if run_id else "no run"
+            raise ComputeQueueError(f"job {job_id} has {what} {place}", 404)
+        record = RunRecord.model_validate(chosen)
+        job = cls(
+            client,
+            record.job_id,
+            record.run_id,
+            record.queue,
+            cached=record.cached,
+            state=record.state.value,
+            record=record,
+        )
+        if queue:
+            job.url = data.get("url") or job.url
+        return job
 
 
 class Client(HttpClient):

@@ -11,21 +11,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from pydantic import ValidationError
+from typing_extensions import Self
 
-from ..host.logs import LogRecord
 from ..model.job_fields import check_path
+from ..model.log_records import LogRecord
 from ..model.runs import RunRecord
 from .errors import ComputeQueueError, JobTimeout
-from .http import CHUNK
+from .http import CHUNK, HttpClient
 from .logstream import LogStream, QueueSocket, SocketEnd, SocketFailed, record_from_json, remaining
 from .uploads import ProgressCallback
-
-if TYPE_CHECKING:
-    from .client import Client
 
 log = logging.getLogger("jupyter_compute_queue.client")
 
@@ -36,8 +34,13 @@ READ_LIMIT = 64 * 1024 * 1024
 RECHECK_SECONDS = 30.0
 
 
-class Job:
-    """One run of a job in a queue, as seen by the client.
+class JobBase:
+    """One run of a job in a queue, as seen by the client, over its host connection.
+
+    :class:`~jupyter_compute_queue.client.Job` is this with the ways to find a job
+    (:meth:`~jupyter_compute_queue.client.Job.attach`); the two are apart so that this module
+    needs only the HTTP layer, not the :class:`~jupyter_compute_queue.client.Client` that makes
+    Jobs.
 
     From the submission's answer: ``job_id``, ``run_id``, ``queue``, ``cached`` and ``url`` (the
     job in its queue). From the run record (``record``, fetched by :meth:`refresh`, kept up to
@@ -47,7 +50,7 @@ class Job:
 
     def __init__(
         self,
-        client: Client,
+        client: HttpClient,
         job_id: str,
         run_id: str,
         queue: str,
@@ -68,10 +71,10 @@ class Job:
         self._state = state
         self._record = record
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[Job], None]] = []
+        self._listeners: list[Callable[[JobBase], None]] = []
 
     @classmethod
-    def _from_answer(cls, client: Client, answer: Any, namespace: str | None) -> Job:
+    def _from_answer(cls, client: HttpClient, answer: Any, namespace: str | None) -> Self:
         if not isinstance(answer, dict) or not {"jobId", "runId", "queue"} <= set(answer):
             raise ComputeQueueError(
                 f"the host's answer to a submission is not understood: {answer}"
@@ -86,42 +89,6 @@ class Job:
             state=str(answer.get("state", "Queued")),
             namespace=namespace,
         )
-
-    @classmethod
-    def attach(
-        cls,
-        job_id: str,
-        queue: str | None = None,
-        client: Client | None = None,
-        run_id: str | None = None,
-    ) -> Job:
-        """A job submitted before (by this process or another): its newest run in ``queue``
-        (every queue the caller may see when None), or the run ``run_id``."""
-        if client is None:
-            from .client import Client  # client.py imports this module
-
-            client = Client(queue=queue or "local")
-        where = f"q/{quote(queue, safe='')}/" if queue else ""
-        data = client._json("GET", f"{where}j/{quote(job_id, safe='')}")
-        runs = data.get("runs") or []
-        chosen = next((r for r in runs if run_id is None or r.get("runId") == run_id), None)
-        if chosen is None:
-            place = f"in queue {queue!r}" if queue else "in any queue you may see"
-            what = f"no run {run_id}" if run_id else "no run"
-            raise ComputeQueueError(f"job {job_id} has {what} {place}", 404)
-        record = RunRecord.model_validate(chosen)
-        job = cls(
-            client,
-            record.job_id,
-            record.run_id,
-            record.queue,
-            cached=record.cached,
-            state=record.state.value,
-            record=record,
-        )
-        if queue:
-            job.url = data.get("url") or job.url
-        return job
 
     def __repr__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
@@ -159,7 +126,7 @@ class Job:
             except Exception:  # one bad listener must not stop wait() or the others
                 log.exception("a Job.on_change listener failed")
 
-    def on_change(self, listener: Callable[[Job], None]) -> Callable[[], None]:
+    def on_change(self, listener: Callable[[JobBase], None]) -> Callable[[], None]:
         """Call ``listener(job)`` whenever the run record changes (from :meth:`refresh`,
         :meth:`wait` or :meth:`cancel`, in the thread that saw the change); returns a function
         that removes it."""
@@ -173,7 +140,7 @@ class Job:
 
         return remove
 
-    def refresh(self) -> Job:
+    def refresh(self) -> Self:
         """Fetch the run's record (``result.json`` of this run); returns the job."""
         self._update(self.client._json("GET", self._path + "result.json", query=self._run_query))
         return self
@@ -234,7 +201,7 @@ class Job:
 
     # --- waiting --------------------------------------------------------------------------------
 
-    def wait(self, timeout: float | None = None, poll: float = 1.0) -> Job:
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> Self:
         """Block until the run has finished (or raise :class:`JobTimeout` after ``timeout``
         seconds); returns the job, whatever its reason. Follows the queue's websocket, or
         polls ``result.json`` every ``poll`` seconds when the websocket cannot be opened."""
@@ -439,7 +406,7 @@ class Job:
 
 
 def _stream_into(
-    client: Client,
+    client: HttpClient,
     url: str,
     query: Mapping[str, Any],
     out: BinaryIO,

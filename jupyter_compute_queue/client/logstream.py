@@ -13,17 +13,33 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..host.logs import LogRecord
+from ..model.log_records import LogRecord
 from .errors import ComputeQueueError, JobTimeout
-from .http import Closing, safe
-
-if TYPE_CHECKING:
-    from .client import Client
-    from .job import Job
+from .http import Closing, HttpClient, safe
 
 log = logging.getLogger("jupyter_compute_queue.client")
+
+
+class Followed(Protocol):
+    """The run whose log a :class:`LogStream` follows (a :class:`.job.JobBase`): a protocol,
+    so that the job can import this module and not the other way round."""
+
+    @property
+    def client(self) -> HttpClient: ...
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def finished(self) -> bool: ...
+
+    def refresh(self) -> Followed: ...
+
+    def log_records(self, since: int = 0) -> list[LogRecord]: ...
 
 
 def record_from_json(data: Mapping[str, Any]) -> LogRecord:
@@ -67,7 +83,7 @@ class QueueSocket(Closing):
 
     def __init__(
         self,
-        client: Client,
+        client: HttpClient,
         queue: str,
         run_id: str | None = None,
         since: int = 0,
@@ -230,7 +246,7 @@ class LogStream(Closing):
     """
 
     def __init__(
-        self, job: Job, since: int = 0, timeout: float | None = None, poll: float = 1.0
+        self, job: Followed, since: int = 0, timeout: float | None = None, poll: float = 1.0
     ) -> None:
         self.job = job
         self.next = since

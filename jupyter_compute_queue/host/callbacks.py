@@ -31,7 +31,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
-from .. import __version__
+from .._version import __version__
 from .service_base import BadRequest, ServiceConfig
 from .store.base import DueCallback, Store
 

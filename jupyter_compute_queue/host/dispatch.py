@@ -8,12 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..model.capacity import Capacity
 from ..model.runs import Phase, Reason, RunRecord, RunState
 from .access import Action, Identity
 from .events import EventBus, LogsAppended, WorkerChanged
 from .logs import LogStore
 from .service_base import BadRequest, Forbidden, ServiceConfig
-from .store.base import Assignment, Capacity, Conflict, Held, NotFound, Outcome, Store, WorkerInfo
+from .store.base import Assignment, Conflict, Held, NotFound, Outcome, Store, WorkerInfo
 
 #: How a service hands an assignment to a connected worker.
 Deliver = Callable[[Assignment], Awaitable[None]]

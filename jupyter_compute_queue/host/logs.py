@@ -18,9 +18,10 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
+
+from ..model.log_records import LogRecord, LogStream
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SEG_NAME = re.compile(r"tail-(\d{16})\.jsonl")
@@ -32,35 +33,6 @@ _KEEP = 4  # tail segments kept; the oldest is deleted when a fifth starts
 # binary-search step or a max_bytes-bounded page much bigger than this.
 _MAX_RECORD = 64 * 1024
 _SCAN = 64 * 1024  # below this span the binary search switches to a linear scan
-
-
-class LogStream(str, Enum):
-    """Where a log record's text came from."""
-
-    OUT = "out"  # the container's standard output
-    ERR = "err"  # the container's standard error
-    SYS = "sys"  # messages written by the queue itself (pull, start, exit, cancel)
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """One piece of a run's log; ``cut`` > 0 marks a synthesized truncation record."""
-
-    o: int
-    t: int
-    s: str
-    d: str
-    cut: int = 0
-
-    def to_json(self) -> dict[str, object]:
-        """The wire form; ``cut`` is only present on truncation records."""
-        cut: dict[str, object] = {"cut": self.cut} if self.cut else {}
-        return {"o": self.o, "t": self.t, "s": self.s, "d": self.d, **cut}
-
-    @property
-    def end(self) -> int:
-        """Stream offset just after this record (where a client resumes)."""
-        return self.o + (self.cut if self.cut else len(self.d.encode()))
 
 
 @dataclass(slots=True)

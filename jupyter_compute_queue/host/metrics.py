@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -28,13 +28,23 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..model.runs import RunRecord, RunState
-
-if TYPE_CHECKING:
-    from .service import QueueService
+from .service_base import ServiceConfig
 
 __all__ = ["QueueStats", "ServiceCollector", "queue_label", "queue_metrics", "track", "untrack"]
 
 _K = TypeVar("_K")
+
+
+class Measured(Protocol):
+    """What the collector reads of a service (:class:`.service.QueueService` is one): its
+    counts, its configuration and its connected workers. A protocol, so that the service can
+    import this module and not the other way round."""
+
+    stats: QueueStats
+    config: ServiceConfig
+
+    def workers_by_queue(self) -> dict[str, int]: ...
+
 
 #: Upper bounds (seconds) of the run duration histogram's buckets.
 DURATION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
@@ -131,9 +141,7 @@ def queue_label(queue: str, public: bool) -> str:
 class ServiceCollector(Collector):
     """Reads the live services at scrape time (all of them, or one queue's figures)."""
 
-    def __init__(
-        self, services: Callable[[], Iterable[QueueService]], only: str | None = None
-    ) -> None:
+    def __init__(self, services: Callable[[], Iterable[Measured]], only: str | None = None) -> None:
         self._services = services
         self._only = only
 
@@ -238,12 +246,12 @@ def _families() -> _Families:
     )
 
 
-_services: weakref.WeakSet[QueueService] = weakref.WeakSet()
+_services: weakref.WeakSet[Measured] = weakref.WeakSet()
 _lock = threading.Lock()
 _registered = False
 
 
-def track(service: QueueService) -> None:
+def track(service: Measured) -> None:
     """Add a started service to the process's collector (registered on first use)."""
     global _registered
     with _lock:
@@ -253,13 +261,13 @@ def track(service: QueueService) -> None:
             _registered = True
 
 
-def untrack(service: QueueService) -> None:
+def untrack(service: Measured) -> None:
     """A stopped service's figures leave the process's metrics."""
     with _lock:
         _services.discard(service)
 
 
-def queue_metrics(service: QueueService, queue: str) -> bytes:
+def queue_metrics(service: Measured, queue: str) -> bytes:
     """Prometheus text of one queue of one service (``GET q/{queue}/metrics``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(lambda: [service], only=queue))

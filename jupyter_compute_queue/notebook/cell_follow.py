@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..client.errors import ComputeQueueError
 from ..client.uploads import human_size
-from ..host.logs import LogRecord
+from ..model.log_records import LogRecord
+from .live_log import read_log_into
 
 if TYPE_CHECKING:
-    from ..client.client import Client
-    from ..client.job import Job
+    from ..client.client import Client, Job
     from .widget import JobWidget
 
 log = logging.getLogger("jupyter_compute_queue.magic")
@@ -86,19 +86,6 @@ class _Printer:
                 f"the whole log: {self.job.url}logs]\n"
             )
             self.out.flush()
-
-
-def read_log_into(job: Job, into: queue.Queue[Any], stop: threading.Event) -> None:
-    """Move the live log into ``into``; None marks its end, an exception a failure."""
-    try:
-        with job.stream_logs() as stream:
-            for record in stream:
-                if stop.is_set():
-                    return
-                into.put(record)
-        into.put(None)
-    except BaseException as exc:  # handed to the main thread, which raises it
-        into.put(exc)
 
 
 def _worker_hint(client: Client, job: Job) -> str | None:

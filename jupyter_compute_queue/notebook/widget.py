@@ -59,12 +59,12 @@ import anywidget
 import traitlets
 
 from ..client.errors import ComputeQueueError
-from ..host.logs import LogRecord
+from ..model.log_records import LogRecord
 from .widget_data import DataSource
 
 if TYPE_CHECKING:
-    from ..client.client import Client
-    from ..client.job import Job
+    from ..client.client import Client, Job
+    from ..client.job import JobBase
 
 __all__ = ["JobWidget", "editor"]
 
@@ -194,7 +194,7 @@ class JobWidget(anywidget.AnyWidget, DataSource):
                 target=target, args=(job, stop), name=f"compute-queue-widget-{name}", daemon=True
             ).start()
 
-    def _show(self, job: Job) -> None:
+    def _show(self, job: JobBase) -> None:
         if job is not self.job:
             return
         record = job.record

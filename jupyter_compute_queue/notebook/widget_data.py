@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..client.errors import ComputeQueueError
-from ..host.logs import LogRecord
+from ..model.log_records import LogRecord
+from .live_log import read_log_into
 
 if TYPE_CHECKING:
-    from ..client.job import Job
+    from ..client.client import Job
 
 log = logging.getLogger("jupyter_compute_queue.widget")  # one logger for the whole widget
 
@@ -55,8 +56,6 @@ class DataSource:
     send: Callable[..., None]
 
     def _follow_log(self, job: Job, stop: threading.Event) -> None:
-        from .cell_follow import read_log_into
-
         into: queue.Queue[Any] = queue.Queue()
         threading.Thread(
             target=read_log_into,

@@ -9,7 +9,7 @@ from typing import Any, cast
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, Union, default
 
-from .. import __version__
+from .._version import __version__
 from ..host.blobs.base import BlobStore
 from ..host.blobs.local import LocalBlobStore
 from ..host.datadir import DataDir, acquire, default_data_dir, host_secret

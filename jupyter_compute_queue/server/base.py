@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
@@ -24,13 +24,10 @@ from ..host.blobs.base import (
     BlobTooLarge,
     InvalidBlobKey,
 )
-from ..host.limits import TooManyRequests
+from ..host.limits import Limits, TooManyRequests
 from ..host.service import Forbidden, QueueService, ServiceError
 from ..host.store.base import Conflict, NotFound
 from ..model.canonical import lone_surrogate, surrogate_message
-
-if TYPE_CHECKING:
-    from .app import ComputeQueueApp
 
 __all__ = ["BaseHandler", "allow_unauthenticated", "whole_number"]
 
@@ -107,6 +104,21 @@ def surrogate_error(raw: str | bytes, value: Any) -> str | None:
     return f"{where or 'the body'}: {surrogate_message(code)}"
 
 
+class HostApp(Protocol):
+    """What handlers read of the extension app (:class:`.app.ComputeQueueApp` is it): a
+    protocol, so that the app can import the handlers and not the other way round."""
+
+    public: bool
+    public_url: str
+    secret: bytes
+    limits: Limits
+    max_batch_size: int
+    max_blob_bytes: int
+    max_submission_bytes: int
+
+    async def ready(self) -> QueueService: ...
+
+
 if TYPE_CHECKING:
     _Handler = JupyterHandler
 else:
@@ -124,7 +136,7 @@ class CallerMixin(_Handler):
     service: QueueService
 
     @property
-    def cq(self) -> ComputeQueueApp:
+    def cq(self) -> HostApp:
         return self.settings["compute_queue"]  # type: ignore[no-any-return]
 
     async def resolve_caller(self) -> None:

@@ -9,8 +9,9 @@ import posixpath
 from tornado import web
 
 from ..host.access import Action
-from ..host.blobs.base import BlobWriter, check_key
+from ..host.blobs.base import BlobWriter
 from ..host.limits import TooManyRequests
+from ..model.blob_keys import check_key
 from .base import BaseHandler, allow_unauthenticated, whole_number
 from .files import attachment_headers
 

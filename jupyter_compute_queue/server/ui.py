@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tornado import web
 
-from .. import __version__
+from .._version import __version__
 from ..host.access import check_queue_name, worker_credential
 from .base import BaseHandler, allow_unauthenticated
 

@@ -20,7 +20,8 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..host.access import ANONYMOUS, Action
 from ..host.events import LogsAppended, Overflow, RunChanged, Subscription, WorkerChanged
-from ..host.store.base import Assignment, Capacity, Held, Outcome, WorkerInfo
+from ..host.store.base import Assignment, Held, Outcome, WorkerInfo
+from ..model.capacity import Capacity
 from ..model.jobs import check_path
 from ..model.outbox import Outbox, dumps, loads
 from ..model.runs import OutputRef, Phase, Reason, RunState

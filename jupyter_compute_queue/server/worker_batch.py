@@ -12,14 +12,11 @@ them first, and so does an answer that would overtake theirs.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..host.service import ServiceError
-from ..host.store.base import Conflict, NotFound
+from ..host.service import QueueService, ServiceError
+from ..host.store.base import Conflict, NotFound, Outcome
 from ..model.runs import RunRecord
-
-if TYPE_CHECKING:
-    from .websockets import WorkerSocket
 
 #: Messages that never wait for a commit and are answered only when refused.
 _AT_ONCE = {"phase", "logs"}
@@ -27,6 +24,22 @@ _AT_ONCE = {"phase", "logs"}
 
 class ProtocolError(ValueError):
     """A message that does not follow the protocol; its text goes back to the peer."""
+
+
+class WorkerSocket(Protocol):
+    """What a batch needs of the worker socket (:class:`.websockets.WorkerSocket` is it): a
+    protocol, so that the socket can import this module and not the other way round."""
+
+    worker_id: str | None
+    service: QueueService
+
+    def result_of(self, msg: dict[str, Any]) -> tuple[str, int, Outcome]: ...
+
+    async def handle(self, msg: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    async def send(self, message: dict[str, Any]) -> None: ...
+
+    async def send_all(self, messages: list[dict[str, Any]]) -> None: ...
 
 
 def refusal(exc: Exception, msg: dict[str, Any]) -> dict[str, Any] | None:

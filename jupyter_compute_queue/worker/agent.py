@@ -21,14 +21,14 @@ from typing import Any
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from .. import __version__
-from ..host.secrets import Redactor, missing_message, resolve
-from ..host.store.rows import DEFAULT_CPUS
+from .._version import __version__
+from ..model.capacity import DEFAULT_CPUS
 from ..model.jobs import JobDefinition, parse_definition
 from ..model.outbox import Outbox, abort, loads
 from ..model.runs import Phase, Reason
 from .resources import Allocation, ResourceError, Resources
 from .runtime import Run, RunResult, Runtime, RuntimeLost
+from .secrets import Redactor, missing_message, resolve
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..host.blobs.base import check_key
+from ..model.blob_keys import check_key
 
 __all__ = ["DEFAULT_MAX_BYTES", "Cancelled", "ContentCache", "clone_file", "hash_file"]
 

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..host.store.base import Capacity
-from ..host.store.rows import DEFAULT_CPUS
+from ..model.capacity import DEFAULT_CPUS, Capacity
 
 if TYPE_CHECKING:
     # docker-py ships no type hints; with types-docker installed the ignore is simply unused.

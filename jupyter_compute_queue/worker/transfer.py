@@ -35,7 +35,7 @@ from typing import BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from ..client.http import DEFAULT_PORTS, REDIRECTS, Replay, Reply, blob_upload_headers, under_api
-from ..host.blobs.base import check_key
+from ..model.blob_keys import check_key
 from .content_cache import Cancelled, ContentCache, hash_file
 from .fetch_policy import FetchPolicy, FetchRefused, from_blob_store, open_connection
 

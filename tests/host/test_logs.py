@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_compute_queue.host.logs import LogRecord, LogStore, LogStream
+from jupyter_compute_queue.host.logs import LogStore, LogStream
+from jupyter_compute_queue.model.log_records import LogRecord
 
 ALPHABET = "ab \n\té€中😀"
 

@@ -35,7 +35,8 @@ from jupyter_server.serverapp import ServerApp
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from jupyter_compute_queue.host.access import Identity, worker_credential, worker_token
-from jupyter_compute_queue.host.store.base import Assignment, Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.store.base import Assignment, Outcome, WorkerInfo
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import OutputRef, Reason
 from jupyter_compute_queue.server.app import ComputeQueueApp
 from jupyter_compute_queue.server.base import BaseHandler

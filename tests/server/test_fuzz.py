@@ -32,7 +32,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from jupyter_compute_queue.host.service import QueueService
-from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.store.base import Outcome, WorkerInfo
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import OutputRef, Reason
 
 from ..conftest import USER, ScriptedWorker

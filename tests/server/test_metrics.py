@@ -17,8 +17,9 @@ from jupyter_compute_queue.host.blobs.local import LocalBlobStore
 from jupyter_compute_queue.host.logs import LogStore
 from jupyter_compute_queue.host.metrics import ServiceCollector, queue_label
 from jupyter_compute_queue.host.service import QueueService, ServiceConfig
-from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.store.base import Outcome, WorkerInfo
 from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import Reason
 
 from ..conftest import USER, Clock, ScriptedWorker

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from jupyter_compute_queue.host.service import QueueService
-from jupyter_compute_queue.host.store.base import Capacity, Outcome, WorkerInfo
+from jupyter_compute_queue.host.store.base import Outcome, WorkerInfo
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import OutputRef, Reason
 
 from ..conftest import USER, ScriptedWorker

@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jupyter_compute_queue.host.store.base import Capacity
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.worker.resources import (
     Allocation,
     ResourceError,

@@ -19,15 +19,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_compute_queue.host.secrets import (
-    MAX_VALUE_BYTES,
-    WORKER_ENV_PREFIX,
-    Redactor,
-    SecretBox,
-    check_values,
-    resolve,
-)
+from jupyter_compute_queue.host.secrets import MAX_VALUE_BYTES, SecretBox, check_values
 from jupyter_compute_queue.host.service import QueueService
+from jupyter_compute_queue.worker.secrets import WORKER_ENV_PREFIX, Redactor, resolve
 
 from ..kernel import CellRun, Kernel, magic_kernel
 from .conftest import Fetch, StartWorker, body, submit, unique_id, wait_result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import posixpath
-import re
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from ...model.blob_keys import BlobError, InvalidBlobKey, check_key
 
 __all__ = [
     "BlobError",
@@ -24,17 +25,6 @@ __all__ = [
     "attachment_disposition",
     "check_key",
 ]
-
-# fullmatch, not `$`: `$` would accept a trailing newline.
-_KEY_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class BlobError(Exception):
-    """Base class of blob store errors."""
-
-
-class InvalidBlobKey(BlobError, ValueError):
-    """The key is not 64 lowercase hex characters."""
 
 
 class BlobHashMismatch(BlobError):
@@ -60,16 +50,6 @@ class BlobNotFound(BlobError, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ would show the repr of the message, quotes included.
         return str(self.args[0]) if self.args else ""
-
-
-def check_key(key: str) -> str:
-    """Return ``key`` if it is 64 lowercase hex characters, else raise InvalidBlobKey."""
-    if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None:
-        shown = repr(key)
-        if len(shown) > 100:
-            shown = shown[:97] + "..."
-        raise InvalidBlobKey(f"invalid blob key {shown}: expected 64 lowercase hex characters")
-    return key
 
 
 def attachment_disposition(filename: str) -> str:

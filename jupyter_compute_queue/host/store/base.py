@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...model.capacity import Capacity
 from ...model.jobs import JobDefinition
 from ...model.runs import OutputRef, Phase, Reason, RunRecord, RunState
 
@@ -73,25 +74,6 @@ class SubmitResult:
     outcome: str
     #: Runs that lost this namespace as a holder; those left with none finished ``Replaced``.
     released: list[Change] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """Resources of a worker: total when it registers, free when it asks for work."""
-
-    cpus: float
-    memory: int | None = None  # bytes; None: the worker does not account memory
-    gpus: int = 0
-
-    def fits(self, cpus: float, memory: int, gpus: int) -> bool:
-        """True when a run needing these resources fits in this capacity."""
-        mem_ok = self.memory is None or memory <= self.memory
-        return cpus <= self.cpus + 1e-9 and mem_ok and gpus <= self.gpus
-
-    def minus(self, used: Capacity) -> Capacity:
-        """What is left after ``used`` is taken (memory stays unaccounted if it was)."""
-        memory = None if self.memory is None else self.memory - (used.memory or 0)
-        return Capacity(self.cpus - used.cpus, memory, self.gpus - used.gpus)
 
 
 @dataclass(frozen=True, slots=True)

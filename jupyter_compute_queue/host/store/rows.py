@@ -20,9 +20,6 @@ from ...model.runs import (
 )
 from .callbacks import run_finished
 
-#: A run that names no cpus counts as one when fitting it into a worker's free capacity.
-DEFAULT_CPUS = 1.0
-
 STATES: list[RunState] = [RunState.QUEUED, RunState.RUNNING, RunState.FINISHED]
 STATE_CODE = {state: code for code, state in enumerate(STATES)}
 

@@ -15,10 +15,10 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...model.capacity import Capacity
 from ...model.runs import Phase, Reason, RunRecord, RunState
 from .base import (
     Assignment,
-    Capacity,
     Change,
     Conflict,
     Held,

@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from ...model.capacity import DEFAULT_CPUS, Capacity
 from ...model.runs import DEFAULT_NAMESPACE, Reason, RunRecord
 from .base import (
     Assignment,
-    Capacity,
     Change,
     Conflict,
     Held,
@@ -23,7 +23,7 @@ from .base import (
     WorkerInfo,
 )
 from .callbacks import add_for_submission
-from .rows import DEFAULT_CPUS, STATES, fetch_run, fetch_runs, finish_run, set_holders, to_record
+from .rows import STATES, fetch_run, fetch_runs, finish_run, set_holders, to_record
 
 #: "No limit" for SQL comparisons (SQLite integers are 64-bit).
 UNLIMITED = 2**62

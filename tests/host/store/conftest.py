@@ -13,7 +13,6 @@ import pytest
 
 from jupyter_compute_queue.host.store.base import (
     Assignment,
-    Capacity,
     Change,
     Outcome,
     SubmitRequest,
@@ -21,6 +20,7 @@ from jupyter_compute_queue.host.store.base import (
     WorkerInfo,
 )
 from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.jobs import JobDefinition, job_id, parse_definition
 from jupyter_compute_queue.model.runs import DEFAULT_NAMESPACE, Reason, RunRecord
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_compute_queue.host.store.base import Capacity, NotFound
+from jupyter_compute_queue.host.store.base import NotFound
 from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import Phase
 
 from .conftest import T0, claim, finish, register, request, submit

@@ -6,15 +6,9 @@ import asyncio
 
 import pytest
 
-from jupyter_compute_queue.host.store.base import (
-    Capacity,
-    Conflict,
-    Held,
-    NotFound,
-    Outcome,
-    WorkerInfo,
-)
+from jupyter_compute_queue.host.store.base import Conflict, Held, NotFound, Outcome, WorkerInfo
 from jupyter_compute_queue.host.store.sqlite import SqliteStore
+from jupyter_compute_queue.model.capacity import Capacity
 from jupyter_compute_queue.model.runs import OutputRef, Phase, Reason, RunState
 
 from .conftest import (
