@@ -11,6 +11,8 @@ log "ruff"
 "$VENV/bin/ruff" format --check jupyter_compute_queue tests
 log "mypy --strict"
 "$VENV/bin/mypy"
+log "layering (lint-imports: the contracts in pyproject.toml, docs/design.md \"Layout\")"
+"$VENV/bin/lint-imports" --no-cache
 # --- Docker engine and test images (scripts/docker.sh, scripts/test-images.sh) ---
 # As root they install and start what is missing; otherwise they say what to run, and the
 # Docker tests skip (under CI=true a missing engine or image fails the run instead).

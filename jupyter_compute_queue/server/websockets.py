@@ -23,8 +23,8 @@ from ..host.events import LogsAppended, Overflow, RunChanged, Subscription, Work
 from ..host.store.base import Assignment, Held, Outcome, WorkerInfo
 from ..model.capacity import Capacity
 from ..model.jobs import check_path
-from ..model.outbox import Outbox, dumps, loads
 from ..model.runs import OutputRef, Phase, Reason, RunState
+from ..wire.outbox import Outbox, dumps, loads
 from .base import CallerMixin, allow_unauthenticated, surrogate_error
 from .worker_batch import ProtocolError, accepted, handle_batch, refusal
 

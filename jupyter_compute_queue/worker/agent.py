@@ -24,8 +24,8 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from .._version import __version__
 from ..model.capacity import DEFAULT_CPUS
 from ..model.jobs import JobDefinition, parse_definition
-from ..model.outbox import Outbox, abort, loads
 from ..model.runs import Phase, Reason
+from ..wire.outbox import Outbox, abort, loads
 from .resources import Allocation, ResourceError, Resources
 from .runtime import Run, RunResult, Runtime, RuntimeLost
 from .secrets import Redactor, missing_message, resolve

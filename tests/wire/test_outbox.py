@@ -9,7 +9,7 @@ from typing import Any
 
 from tornado.websocket import WebSocketClosedError
 
-from jupyter_compute_queue.model.outbox import Outbox
+from jupyter_compute_queue.wire.outbox import Outbox
 
 
 class Frames:
