@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, then lint, types and tests.
-# Extra arguments go to pytest (e.g. scripts/test.sh tests/test_jobs.py -x).
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/model/test_jobs.py -x).
 set -euo pipefail
 INSTALL_TEST_PACKAGES=1 # also Chromium, for the browser tests (tests/browser)
 source "$(dirname "${BASH_SOURCE[0]}")/install.sh"

@@ -1,6 +1,6 @@
 // A JobSource fed through the kernel: the anywidget model's traits hold the state, custom
 // messages carry the log, the actions and files. The Python widget
-// (jupyter_compute_queue/widget.py, whose docstring has the whole contract) keeps the other end:
+// (jupyter_compute_queue/notebook/widget.py, whose docstring has the whole contract) keeps the other end:
 //
 //   traits (snake_case):  job_id run_id queue state phase reason exit_code message outputs
 //                         cached queued_at started_at finished_at job_url page_url
