@@ -8,6 +8,7 @@ person would (type, Shift+Enter) and wait on what the UI shows.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -44,6 +45,14 @@ BASE_URL = "/cq-lab/"
 START_TIMEOUT = 60.0
 # The news toast and the update check would cover the page (and reach for the network).
 NOTIFICATION_SETTINGS = {"fetchNews": "false", "checkForUpdates": False}
+
+
+class PortTaken(RuntimeError):
+    """JupyterLab could not bind its port: another process took it after it was chosen."""
+
+
+def _with_port(arg: str, port: int) -> str:
+    return f"--ServerApp.port={port}" if arg.startswith("--ServerApp.port=") else arg
 
 
 def free_port() -> int:
@@ -111,19 +120,36 @@ class LabServer:
             f"--ComputeQueueApp.data_dir={self.root / 'data'}",
             f"--ComputeQueueApp.local_worker={self.local_worker}",
         ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
-            )
-        self._wait_ready()
+        # The port was free when chosen; another test's server may take it before JupyterLab
+        # binds it. JupyterLab then exits (port_retries=0) saying so: start again on another.
+        for attempt in range(3):
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    [_with_port(a, self.port) for a in command],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.root,
+                )
+            try:
+                self._wait_ready()
+                return
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self.stop()
+                self.port = free_port()
 
     def _wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "already in use" in self.log():
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"jupyter lab exited ({self.process.returncode}):\n{self.log()}")
-            with contextlib.suppress(OSError):
+            # Something else may answer on the port until JupyterLab gives up on it (not HTTP).
+            with contextlib.suppress(OSError, http.client.HTTPException):
                 if self.api("GET", "api/status") is not None:
                     return
             time.sleep(0.2)
