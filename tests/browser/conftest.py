@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.browser.chromium import CHROMIUM_ARGS, INSTALL_PLAYWRIGHT, missing, require_chromium
+from tests.browser.netns import Shelter, can_shelter
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, Request
 
     from tests.browser.lab import LabServer
 
@@ -72,13 +73,30 @@ def _grouped(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(scope="session")
-def chromium() -> Iterator[Browser]:
-    """The system Chromium, launched headless by Playwright."""
+def shelter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shelter | None]:
+    """Chromium's own network namespace (see tests/browser/netns.py), where the machine allows
+    one (root, util-linux, iproute2: CI has them); otherwise None and Chromium runs in the
+    machine's namespace, where Docker's network churn can drop its requests."""
+    if not can_shelter():
+        yield None
+        return
+    shelter = Shelter(tmp_path_factory.mktemp("netns"))
+    try:
+        yield shelter
+    finally:
+        shelter.close()
+
+
+@pytest.fixture(scope="session")
+def chromium(shelter: Shelter | None) -> Iterator[Browser]:
+    """The system Chromium, launched headless by Playwright (in its own namespace if it can)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         missing("Playwright is not installed", INSTALL_PLAYWRIGHT)
     executable = require_chromium()
+    if shelter is not None:
+        executable = shelter.wrap(executable)
     playwright = sync_playwright().start()
     PlaywrightLoop.loop = asyncio.get_running_loop()
     try:
@@ -117,21 +135,24 @@ def lab_server_with_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def lab(request: pytest.FixtureRequest) -> LabServer:
-    """The server a test's page talks to: with the local worker if marked ``local_worker``."""
+def lab(request: pytest.FixtureRequest, shelter: Shelter | None) -> LabServer:
+    """The server a test's page talks to: with the local worker if marked ``local_worker``;
+    its port reaches into Chromium's namespace."""
     name = (
         "lab_server_with_worker"
         if request.node.get_closest_marker("local_worker")
         else "lab_server"
     )
     server: LabServer = request.getfixturevalue(name)
+    if shelter is not None:
+        shelter.expose(server.port)
     return server
 
 
 @pytest.fixture
 def lab_page(request: pytest.FixtureRequest, chromium: Browser, lab: LabServer) -> Iterator[Page]:
     """A page with JupyterLab ready on a fresh workspace; screenshots itself afterwards."""
-    from tests.browser.lab import wait_for_lab, workspace_url
+    from tests.browser.lab import load_lab, workspace_url
 
     context = chromium.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
@@ -140,13 +161,16 @@ def lab_page(request: pytest.FixtureRequest, chromium: Browser, lab: LabServer) 
     page.on("pageerror", lambda error: errors.append(str(error)))
     # Printed (pytest shows it for a failed test): a request the browser lost, e.g. a theme
     # stylesheet under load, explains a page that never reached the state a test waits for.
-    page.on(
-        "requestfailed",
-        lambda request: print(f"request failed: {request.url} ({request.failure})"),
-    )
+    lost: list[str] = []
+
+    def failed(request: Request) -> None:
+        print(f"request failed: {request.url} ({request.failure})")
+        if "ERR_NETWORK_CHANGED" in (request.failure or ""):
+            lost.append(request.url)
+
+    page.on("requestfailed", failed)
     try:
-        page.goto(workspace_url(lab, f"t-{uuid.uuid4().hex[:12]}"))
-        wait_for_lab(page)
+        load_lab(page, workspace_url(lab, f"t-{uuid.uuid4().hex[:12]}"), lost)
         yield page
     finally:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
