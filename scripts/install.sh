@@ -14,7 +14,9 @@ PYTHON="${PYTHON:-python3}"
 DEBIAN_PACKAGES=(python3-venv)
 # Debian packages only the tests use: installed as root when INSTALL_TEST_PACKAGES=1; otherwise
 # named, and the tests that need them skip (or fail under CI). Never `playwright install`.
-DEBIAN_TEST_PACKAGES=(chromium)
+# iproute2 and util-linux: the browser tests run Chromium in a network namespace of its own
+# (tests/browser/netns.py), away from the Docker tests' bridges.
+DEBIAN_TEST_PACKAGES=(chromium iproute2 util-linux)
 if [ "${BASH_SOURCE[0]}" = "$0" ] && [ "${1:-}" = --tests ]; then INSTALL_TEST_PACKAGES=1; fi
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
